@@ -1,0 +1,1 @@
+"""Mask R-CNN with any timm backbone, trained through HuggingFace Accelerate."""

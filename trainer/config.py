@@ -1,0 +1,235 @@
+"""Recipe schema and loading.
+
+A recipe is a YAML file checked against the dataclasses below with OmegaConf, plus
+``key=value`` overrides from the command line. Unknown keys and wrong types are
+reported as a :class:`RecipeError` that names the key and suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says which key and why."""
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # any timm model name
+    pretrained: bool = True  # timm's own download of the weights
+    # Stem plus this many stages get no gradient; null: 1 when pretrained, else 0.
+    frozen_stages: int | None = None
+    # BatchNorm replaced by a frozen affine map; null: frozen when pretrained.
+    frozen_bn: bool | None = None
+    # timm feature indices to use; null: chosen to cover strides 4..32.
+    out_indices: list[int] | None = None
+
+
+@dataclass
+class RPNConfig:
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 2000  # per level
+    pre_nms_top_n_test: int = 1000  # per level
+    post_nms_top_n_train: int = 1000  # per image
+    post_nms_top_n_test: int = 1000  # per image
+    nms_thresh: float = 0.7
+
+
+@dataclass
+class RoIHeadsConfig:
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou_thresh: float = 0.5
+    box_coder_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    box_pool_size: int = 7
+    mask_pool_size: int = 14
+    box_fc_dim: int = 1024
+    mask_conv_dim: int = 256
+    num_mask_convs: int = 4
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    mask_thresh: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    type: str = "MaskRCNN"
+    num_classes: int | None = None  # null: taken from the training set's categories
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn_channels: int = 256
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+
+
+@dataclass
+class DatasetConfig:
+    type: str = "CocoDataset"
+    ann_file: str = "???"
+    img_dir: str = "???"
+    # Shortest-edge sizes; several means multi-scale (one chosen at random per image).
+    min_size: list[int] = field(default_factory=lambda: [800])
+    max_size: int = 1333
+    flip_prob: float = 0.0
+    # Leave out images with no usable annotation (training only).
+    filter_empty: bool = False
+
+
+@dataclass
+class DataConfig:
+    imgs_per_gpu: int = 2
+    workers_per_gpu: int = 2
+    train: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig(flip_prob=0.5, filter_empty=True)
+    )
+    val: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "SGD"
+    lr: float = 0.02  # at `base_batch_size` images per step; scaled linearly to the real batch
+    base_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class LRScheduleConfig:
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs where lr *= gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class Recipe:
+    work_dir: str | None = None  # null: work_dirs/<recipe file name>
+    seed: int = 42
+    total_epochs: int = 12
+    # (phase, epochs) pairs repeated until total_epochs training epochs are done.
+    workflow: list[Any] = field(default_factory=lambda: [["train", 1]])
+    resume: str | None = None  # "auto" (latest checkpoint in work_dir) or a checkpoint path
+    max_iters: int | None = None  # stop training after this many iterations (smoke runs)
+    log_interval: int = 20
+    mixed_precision: str | None = None  # null: from the accelerate config; or no/fp16/bf16
+    trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [wandb]
+    project: str = "trainer"  # tracker project name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+
+
+PHASES = ("train", "val")
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    """All dotted key paths of a schema node, for suggestions."""
+    keys = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            keys.append(path)
+            keys.extend(_valid_keys(node._get_node(key), path + "."))
+    return keys
+
+
+def _explain(exc: OmegaConfBaseException, schema: DictConfig, source: str) -> RecipeError:
+    """Turn an OmegaConf error into one readable message with a suggestion."""
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc):
+        candidates = _valid_keys(schema)
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        siblings = [c for c in candidates if c.startswith(parent) and "." not in c[len(parent) :]]
+        close = difflib.get_close_matches(key, siblings or candidates, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return RecipeError(f"{source}: unknown recipe key '{key}'.{hint}")
+    if isinstance(exc, ValidationError):
+        return RecipeError(f"{source}: wrong type for key '{key}': {exc.msg.splitlines()[0]}.")
+    return RecipeError(f"{source}: {exc.msg.splitlines()[0] if exc.msg else exc}")
+
+
+def _check_values(cfg: DictConfig, source: str) -> None:
+    """Checks the schema's types cannot express."""
+    workflow = OmegaConf.to_container(cfg.workflow)
+    for step in workflow:
+        if (
+            not isinstance(step, list | tuple)
+            or len(step) != 2
+            or step[0] not in PHASES
+            or not isinstance(step[1], int)
+            or step[1] < 1
+        ):
+            raise RecipeError(
+                f"{source}: workflow entry {step!r} must be [phase, epochs] with phase in "
+                f"{list(PHASES)} and epochs a positive integer, e.g. [[train, 1], [val, 1]]."
+            )
+    if not any(step[0] == "train" for step in workflow):
+        raise RecipeError(f"{source}: workflow {workflow} has no train phase.")
+    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise RecipeError(
+            f"{source}: mixed_precision must be null, no, fp16 or bf16, got {cfg.mixed_precision!r}."
+        )
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+        raise RecipeError(f"{source}: resume checkpoint '{cfg.resume}' does not exist.")
+    for split in ("train", "val"):
+        for key in ("ann_file", "img_dir"):
+            if OmegaConf.is_missing(cfg.data[split], key):
+                raise RecipeError(f"{source}: data.{split}.{key} must be set.")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Load a YAML recipe, apply ``key=value`` overrides and validate it.
+
+    Returns a read-only DictConfig with every key of :class:`Recipe`; ``work_dir``
+    defaults to ``work_dirs/<recipe file stem>``. Raises RecipeError on any problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist.")
+    schema = OmegaConf.structured(Recipe)
+    try:
+        user = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry the line and column
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    source = str(path)
+    try:
+        cfg = OmegaConf.merge(schema, user)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, schema, source) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' must look like key=value, e.g. optimizer.lr=0.01.")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, schema, f"override '{item}'") from None
+    if cfg.work_dir is None:
+        cfg.work_dir = str(Path("work_dirs") / path.stem)
+    _check_values(cfg, source)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_recipe(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved recipe as YAML (work_dir/config.yaml)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def to_dict(cfg: DictConfig | ListConfig) -> Any:
+    """Plain Python containers, e.g. for trackers."""
+    return OmegaConf.to_container(cfg, resolve=True)

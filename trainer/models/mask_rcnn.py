@@ -1,0 +1,140 @@
+"""Mask R-CNN: timm backbone + FPN + RPN + RoI heads, with torchvision's model contract."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.models.backbone import TimmBackbone
+from trainer.models.fpn import FPN
+from trainer.models.roi_heads import RoIHeads
+from trainer.models.rpn import RegionProposalNetwork
+from trainer.ops.masks import paste_masks
+
+
+class MaskRCNN(nn.Module):
+    """Instance segmentation model.
+
+    forward(images, targets=None, output_sizes=None):
+        images: list of [3, H, W] images, float in [0, 1] or uint8; normalized and padded
+            to a multiple of ``size_divisibility`` here.
+        targets (training): list of dicts with ``boxes`` [N, 4] xyxy pixels, ``labels``
+            [N] int64 in 1..K, ``masks`` [N, H, W] uint8.
+        output_sizes (inference): (height, width) per image to return results at, e.g. the
+            original size when the images were resized; default: each input's own size.
+    Returns:
+        training: dict of scalar losses (loss_rpn_cls, loss_rpn_bbox, loss_cls, loss_bbox,
+        loss_mask). Inference: per image a dict with ``boxes`` [D, 4], ``labels`` [D],
+        ``scores`` [D] and ``masks`` [D, H, W] bool.
+    """
+
+    def __init__(
+        self,
+        backbone: TimmBackbone,
+        num_classes: int,
+        fpn_channels: int,
+        rpn: dict,
+        roi_heads: dict,
+        size_divisibility: int = 32,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = FPN(backbone.channels, backbone.strides, fpn_channels)
+        self.rpn = RegionProposalNetwork(fpn_channels, self.fpn.strides, **rpn)
+        roi_heads = dict(roi_heads)
+        self.mask_thresh = roi_heads.pop("mask_thresh")
+        # The RoI heads pool from P2-P5; P6 only feeds the RPN.
+        self.roi_heads = RoIHeads(fpn_channels, backbone.strides, num_classes, **roi_heads)
+        self.num_classes = num_classes
+        self.size_divisibility = max(size_divisibility, max(self.fpn.strides))
+        self.register_buffer("pixel_mean", torch.tensor(backbone.mean).view(3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(backbone.std).view(3, 1, 1), False)
+
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        output_sizes: list[tuple[int, int]] | None = None,
+    ):
+        if self.training and targets is None:
+            raise ValueError("MaskRCNN in training mode needs targets.")
+        batch, image_sizes = self.preprocess(images)
+        pyramid = self.fpn(self.backbone(batch))
+        gt = self.pad_targets(targets, batch.shape[-2:]) if self.training else None
+        proposals, valid, losses = self.rpn(pyramid, image_sizes, gt)
+        if self.training:
+            losses.update(self.roi_heads.losses(pyramid[:-1], proposals, valid, gt))
+            return losses
+        detections = self.roi_heads.predict(pyramid[:-1], proposals, valid, image_sizes)
+        if output_sizes is None:
+            output_sizes = [tuple(image.shape[-2:]) for image in images]
+        return self.postprocess(detections, image_sizes, output_sizes)
+
+    def preprocess(self, images: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Normalize and pad into one batch: -> [B, 3, H_pad, W_pad], sizes [B, 2] (h, w)."""
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        divisor = self.size_divisibility
+        height = -(-max(h for h, _ in sizes) // divisor) * divisor
+        width = -(-max(w for _, w in sizes) // divisor) * divisor
+        batch = self.pixel_mean.new_zeros((len(images), 3, height, width))
+        for slot, image in zip(batch, images):
+            image = image.to(self.pixel_mean.device)
+            scale = 255.0 if image.dtype == torch.uint8 else 1.0
+            h, w = image.shape[-2:]
+            slot[:, :h, :w] = (image.float() / scale - self.pixel_mean) / self.pixel_std
+        return batch, torch.tensor(sizes, device=batch.device)
+
+    def pad_targets(
+        self, targets: list[dict[str, Tensor]], padded_size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """Stack ragged targets for batched matching.
+
+        Returns ``boxes`` [B, G, 4], ``labels`` [B, G], ``valid`` [B, G] (G = most objects
+        in an image), ``masks`` [sum N, H_pad, W_pad] uint8 and ``mask_offset`` [B], the
+        index of each image's first mask.
+        """
+        device = self.pixel_mean.device
+        counts = [len(t["boxes"]) for t in targets]
+        most = max(counts)
+        boxes = torch.zeros((len(targets), most, 4), device=device)
+        labels = torch.zeros((len(targets), most), dtype=torch.int64, device=device)
+        valid = torch.zeros((len(targets), most), dtype=torch.bool, device=device)
+        masks = []
+        for i, (target, count) in enumerate(zip(targets, counts)):
+            boxes[i, :count] = target["boxes"].to(device).reshape(-1, 4)
+            labels[i, :count] = target["labels"].to(device)
+            valid[i, :count] = True
+            mask = target["masks"].to(device, torch.uint8)
+            pad = (0, padded_size[1] - mask.shape[-1], 0, padded_size[0] - mask.shape[-2])
+            masks.append(F.pad(mask, pad))
+        offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+        return {
+            "boxes": boxes,
+            "labels": labels,
+            "valid": valid,
+            "masks": torch.cat(masks),
+            "mask_offset": offsets,
+        }
+
+    def postprocess(
+        self, detections: dict[str, Tensor], image_sizes: Tensor, output_sizes: list[tuple]
+    ) -> list[dict[str, Tensor]]:
+        """Split flat detections per image, rescale to the output size and paste the masks."""
+        results = []
+        for i, (out_h, out_w) in enumerate(output_sizes):
+            index = (detections["image"] == i).nonzero().squeeze(1)
+            in_h, in_w = image_sizes[i].tolist()
+            scale = torch.tensor([out_w / in_w, out_h / in_h] * 2, device=index.device)
+            boxes = detections["boxes"][index] * scale
+            results.append(
+                {
+                    "boxes": boxes,
+                    "labels": detections["labels"][index],
+                    "scores": detections["scores"][index],
+                    "masks": paste_masks(
+                        detections["mask_probs"][index], boxes, out_h, out_w, self.mask_thresh
+                    ),
+                }
+            )
+        return results

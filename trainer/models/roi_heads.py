@@ -1,0 +1,139 @@
+"""Box and mask heads on pooled proposals: sampling, losses and final detections."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from trainer.models.heads import BoxHead, MaskHead
+from trainer.models.losses import box_regression_loss, classification_loss, mask_loss
+from trainer.ops.boxes import BoxCoder, batched_box_iou, clip_boxes, rank_within_groups
+from trainer.ops.masks import crop_and_resize
+from trainer.ops.matcher import IGNORE, POSITIVE, match, sample
+from trainer.ops.poolers import MultiLevelRoIAlign
+
+
+class RoIHeads(nn.Module):
+    """Classifies and refines proposals, and predicts a mask for each positive/detection.
+
+    Training: ``losses(features, proposals, valid, gt)`` -> dict of loss_cls, loss_bbox,
+    loss_mask. Inference: ``predict(features, proposals, valid, image_sizes)`` -> dict of
+    flat detections ``boxes`` [D, 4], ``scores`` [D], ``labels`` [D] (1..K), ``image`` [D]
+    (batch index) and ``mask_probs`` [D, M, M].
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        strides: list[int],
+        num_classes: int,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        fg_iou_thresh: float,
+        box_coder_weights: list[float],
+        box_pool_size: int,
+        mask_pool_size: int,
+        box_fc_dim: int,
+        mask_conv_dim: int,
+        num_mask_convs: int,
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.box_pooler = MultiLevelRoIAlign(box_pool_size, strides)
+        self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, strides)
+        self.box_head = BoxHead(channels, box_pool_size, box_fc_dim, num_classes)
+        self.mask_head = MaskHead(channels, mask_conv_dim, num_mask_convs, num_classes)
+        self.box_coder = BoxCoder(tuple(box_coder_weights))
+        self.mask_size = 2 * mask_pool_size
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.fg_iou_thresh = fg_iou_thresh
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def losses(
+        self, features: list[Tensor], proposals: Tensor, valid: Tensor, gt: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """proposals [B, P, 4] with valid [B, P]; gt as built by MaskRCNN.pad_targets."""
+        with torch.no_grad():
+            # Ground truth boxes join the proposals so every object has a good sample early on.
+            candidates = torch.cat((proposals, gt["boxes"]), dim=1)
+            candidate_valid = torch.cat((valid, gt["valid"]), dim=1)
+            iou = batched_box_iou(gt["boxes"], candidates)
+            matched, labels = match(
+                iou, gt["valid"], self.fg_iou_thresh, self.fg_iou_thresh, allow_low_quality=False
+            )
+            labels[~candidate_valid] = IGNORE
+            index, sampled = sample(labels, self.batch_size_per_image, self.positive_fraction)
+            image, column = sampled.nonzero(as_tuple=True)
+            chosen = index[image, column]
+            boxes = candidates[image, chosen]
+            gt_index = matched[image, chosen]
+            is_fg = labels[image, chosen] == POSITIVE
+            if gt["boxes"].shape[1] > 0:
+                classes = torch.where(is_fg, gt["labels"][image, gt_index], 0)
+            else:
+                classes = torch.zeros_like(gt_index)
+            rois = torch.cat((image[:, None].to(boxes.dtype), boxes), dim=1)
+
+        class_logits, deltas = self.box_head(self.box_pooler(features, rois))
+        fg = is_fg.nonzero().squeeze(1)
+        with torch.no_grad():
+            fg_classes = classes[fg]
+            targets = self.box_coder.encode(gt["boxes"][image[fg], gt_index[fg]], boxes[fg])
+        loss_box = box_regression_loss(deltas[fg, fg_classes], targets, max(rois.shape[0], 1))
+
+        mask_logits = self.mask_head(self.mask_pooler(features, rois[fg]))
+        mask_logits = mask_logits[torch.arange(fg.numel(), device=fg.device), fg_classes - 1]
+        with torch.no_grad():
+            mask_targets = crop_and_resize(
+                gt["masks"], gt["mask_offset"][image[fg]] + gt_index[fg], boxes[fg], self.mask_size
+            )
+        return {
+            "loss_cls": classification_loss(class_logits, classes),
+            "loss_bbox": loss_box,
+            "loss_mask": mask_loss(mask_logits, mask_targets),
+        }
+
+    @torch.no_grad()
+    def predict(
+        self, features: list[Tensor], proposals: Tensor, valid: Tensor, image_sizes: Tensor
+    ) -> dict[str, Tensor]:
+        image, column = valid.nonzero(as_tuple=True)
+        boxes = proposals[image, column]
+        rois = torch.cat((image[:, None].to(boxes.dtype), boxes), dim=1)
+        class_logits, deltas = self.box_head(self.box_pooler(features, rois))
+        scores = torch.softmax(class_logits.float(), dim=1)[:, 1:]  # [R, K]
+        decoded = self.box_coder.decode(deltas[:, 1:], boxes[:, None, :])  # [R, K, 4]
+        decoded = clip_boxes(decoded, image_sizes[image])
+
+        num_classes = self.num_classes
+        flat_boxes = decoded.reshape(-1, 4)
+        flat_scores = scores.reshape(-1)
+        flat_image = image.repeat_interleave(num_classes)
+        flat_label = torch.arange(1, num_classes + 1, device=image.device).repeat(image.numel())
+        keep = (
+            (flat_scores > self.score_thresh)
+            & (flat_boxes[:, 2] > flat_boxes[:, 0])
+            & (flat_boxes[:, 3] > flat_boxes[:, 1])
+        ).nonzero().squeeze(1)
+        groups = flat_image[keep] * num_classes + flat_label[keep] - 1
+        keep = keep[batched_nms(flat_boxes[keep], flat_scores[keep], groups, self.nms_thresh)]
+        keep = keep[rank_within_groups(flat_image[keep]) < self.detections_per_img]
+
+        det_boxes, det_labels, det_image = flat_boxes[keep], flat_label[keep], flat_image[keep]
+        det_rois = torch.cat((det_image[:, None].to(det_boxes.dtype), det_boxes), dim=1)
+        mask_logits = self.mask_head(self.mask_pooler(features, det_rois))
+        mask_logits = mask_logits[torch.arange(keep.numel(), device=keep.device), det_labels - 1]
+        return {
+            "boxes": det_boxes,
+            "scores": flat_scores[keep],
+            "labels": det_labels,
+            "image": det_image,
+            "mask_probs": torch.sigmoid(mask_logits.float()),
+        }

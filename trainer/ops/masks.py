@@ -1,0 +1,93 @@
+"""Mask targets (ground truth cropped to boxes) and pasting predicted masks into images."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def crop_and_resize(masks: Tensor, mask_index: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Sample each box's region of its ground-truth mask on a size x size grid.
+
+    Bilinear sampling at 2x2 points per output cell (pixel centres at +0.5, like RoIAlign
+    with aligned=True), read straight from the uint8 masks, so no full-size float copy of
+    the masks is made.
+
+    Args:
+        masks: [G, H, W] uint8/bool masks.
+        mask_index: [R] int64, which mask each box reads.
+        boxes: [R, 4] xyxy in mask pixels.
+    Returns:
+        [R, size, size] float in [0, 1].
+    """
+    num, height, width = boxes.shape[0], masks.shape[1], masks.shape[2]
+    if num == 0:
+        return boxes.new_zeros((0, size, size))
+    points = 2 * size
+    steps = (torch.arange(points, device=boxes.device, dtype=torch.float32) + 0.5) / points
+    x1, y1, x2, y2 = boxes.float().unbind(dim=1)
+    xs = x1[:, None] + steps[None] * (x2 - x1)[:, None] - 0.5  # [R, P] in pixel-index space
+    ys = y1[:, None] + steps[None] * (y2 - y1)[:, None] - 0.5
+
+    def neighbours(coords: Tensor, limit: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        coords = coords.clamp(-0.5, limit - 0.5)
+        low = coords.floor()
+        frac = coords - low
+        low = low.long()
+        return low.clamp(0, limit - 1), (low + 1).clamp(0, limit - 1), 1 - frac, frac
+
+    x_lo, x_hi, wx_lo, wx_hi = neighbours(xs, width)
+    y_lo, y_hi, wy_lo, wy_hi = neighbours(ys, height)
+    flat = masks.reshape(masks.shape[0], -1)
+    base = mask_index[:, None, None]
+
+    def gather(y: Tensor, x: Tensor) -> Tensor:
+        linear = (y[:, :, None] * width + x[:, None, :]).reshape(num, -1)
+        return flat[base.reshape(num, 1), linear].reshape(num, points, points).float()
+
+    value = (
+        gather(y_lo, x_lo) * (wy_lo[:, :, None] * wx_lo[:, None, :])
+        + gather(y_lo, x_hi) * (wy_lo[:, :, None] * wx_hi[:, None, :])
+        + gather(y_hi, x_lo) * (wy_hi[:, :, None] * wx_lo[:, None, :])
+        + gather(y_hi, x_hi) * (wy_hi[:, :, None] * wx_hi[:, None, :])
+    )
+    return torch.nn.functional.avg_pool2d(value[:, None], 2).squeeze(1)
+
+
+def _interpolation_weights(low: Tensor, high: Tensor, length: int, size: int) -> Tensor:
+    """[N, length, size] bilinear weights mapping `size` mask cells onto image pixels.
+
+    Pixel centre p + 0.5 falls at u = (p + 0.5 - low) / (high - low) * size - 0.5 in mask
+    cells; each cell contributes max(0, 1 - |u - cell|), zero outside the box.
+    """
+    pixels = torch.arange(length, device=low.device, dtype=torch.float32) + 0.5
+    extent = (high - low).clamp(min=1e-3)
+    u = (pixels[None, :] - low[:, None]) / extent[:, None] * size - 0.5
+    cells = torch.arange(size, device=low.device, dtype=torch.float32)
+    return (1 - (u[:, :, None] - cells[None, None, :]).abs()).clamp(min=0)
+
+
+def paste_masks(
+    masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5, chunk: int = 32
+) -> Tensor:
+    """Paste per-box mask probabilities into full images.
+
+    The bilinear resize of an S x S mask into its box is separable, so it is two batched
+    matrix products: weights_y [N, H, S] @ mask [N, S, S] @ weights_x^T [N, S, W].
+
+    Args:
+        masks: [N, S, S] probabilities.
+        boxes: [N, 4] xyxy in output pixels.
+    Returns:
+        [N, height, width] bool, thresholded at ``threshold``.
+    """
+    out = torch.zeros((masks.shape[0], height, width), dtype=torch.bool, device=masks.device)
+    size = masks.shape[-1]
+    for start in range(0, masks.shape[0], chunk):  # bounds the float temporaries' memory
+        part = slice(start, start + chunk)
+        box = boxes[part].float()
+        weights_x = _interpolation_weights(box[:, 0], box[:, 2], width, size)
+        weights_y = _interpolation_weights(box[:, 1], box[:, 3], height, size)
+        pasted = weights_y @ masks[part].float() @ weights_x.transpose(1, 2)
+        out[part] = pasted >= threshold
+    return out

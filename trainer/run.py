@@ -1,0 +1,88 @@
+"""Train a detector from a recipe.
+
+    accelerate launch trainer/run.py RECIPE [key=value ...]
+    python trainer/run.py RECIPE [key=value ...]        (one process, same as python -m trainer.run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # `python trainer/run.py` puts trainer/ itself first on sys.path, where its sub-packages
+    # (data, models, ...) would shadow other top-level modules: use the repository root.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="trainer/run.py",
+        description="Train Mask R-CNN from a YAML recipe.",
+        epilog="Example: accelerate launch trainer/run.py recipes/demo.yaml total_epochs=2",
+    )
+    parser.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/mask_rcnn.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optimizer.lr=0.01"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    # Imported after argument parsing so `--help` answers at once.
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from trainer.config import load_recipe, save_recipe
+    from trainer.data import build_dataset
+    from trainer.engine import train_detector
+    from trainer.engine.logging import setup_logger
+    from trainer.models import build_detector
+    from trainer.models.backbone import describe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=list(cfg.trackers) or None,
+        project_dir=cfg.work_dir,
+    )
+    logger = setup_logger(cfg.work_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_recipe(cfg, Path(cfg.work_dir) / "config.yaml")
+    logger.info("recipe %s -> work_dir %s", args.recipe, cfg.work_dir)
+    set_seed(cfg.seed, device_specific=True)
+
+    # The main process goes first so a dataset generated on first use is written once.
+    with accelerator.main_process_first():
+        datasets = {"train": build_dataset(cfg.data.train, train=True)}
+        if any(phase == "val" for phase, _ in cfg.workflow):
+            datasets["val"] = build_dataset(cfg.data.val, train=False)
+    logger.info(
+        "train set: %d images, %d classes %s",
+        len(datasets["train"]),
+        len(datasets["train"].CLASSES),
+        list(datasets["train"].CLASSES),
+    )
+    model = build_detector(cfg.model, num_classes=len(datasets["train"].CLASSES))
+    model.CLASSES = datasets["train"].CLASSES
+    logger.info("backbone %s: %s", cfg.model.backbone.name, describe(model.backbone))
+    return train_detector(model, datasets, cfg, accelerator)
+
+
+def cli() -> None:
+    """Entry point that turns known user errors into one message instead of a traceback."""
+    from trainer.config import RecipeError
+
+    try:
+        main()
+    except (RecipeError, FileNotFoundError) as exc:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
