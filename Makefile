@@ -22,6 +22,7 @@ test-slow: install
 
 demo: install
 	WANDB_MODE=offline $(BIN)/python trainer/run.py recipes/demo.yaml
+	$(BIN)/python -m trainer.evaluate recipes/demo.yaml --checkpoint work_dirs/demo
 
 lint: install
 	$(BIN)/ruff check trainer tests

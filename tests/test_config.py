@@ -30,7 +30,9 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_unknown_key_names_it_and_suggests(tmp_path):
-    with pytest.raises(RecipeError, match=r"'model.backbone.nmae'.*Did you mean 'model.backbone.name'"):
+    with pytest.raises(
+        RecipeError, match=r"'model.backbone.nmae'.*Did you mean 'model.backbone.name'"
+    ):
         load_recipe(write(tmp_path, DATA + "model:\n  backbone:\n    nmae: resnet18\n"))
 
 
@@ -82,7 +84,11 @@ def test_cli_reports_one_line_without_traceback(tmp_path):
 
 def test_cli_missing_coco_says_where_to_put_it(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "trainer" / "run.py"), str(ROOT / "recipes" / "mask_rcnn.yaml")],
+        [
+            sys.executable,
+            str(ROOT / "trainer" / "run.py"),
+            str(ROOT / "recipes" / "mask_rcnn.yaml"),
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,

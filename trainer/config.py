@@ -181,7 +181,8 @@ def _check_values(cfg: DictConfig, source: str) -> None:
         raise RecipeError(f"{source}: workflow {workflow} has no train phase.")
     if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise RecipeError(
-            f"{source}: mixed_precision must be null, no, fp16 or bf16, got {cfg.mixed_precision!r}."
+            f"{source}: mixed_precision must be null, no, fp16 or bf16, "
+            f"got {cfg.mixed_precision!r}."
         )
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
         raise RecipeError(f"{source}: resume checkpoint '{cfg.resume}' does not exist.")
@@ -212,7 +213,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
         raise _explain(exc, schema, source) from None
     for item in overrides or []:
         if "=" not in item:
-            raise RecipeError(f"override '{item}' must look like key=value, e.g. optimizer.lr=0.01.")
+            raise RecipeError(
+                f"override '{item}' must look like key=value, e.g. optimizer.lr=0.01."
+            )
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:

@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", help="output folder (default: <work_dir>/eval)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

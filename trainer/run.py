@@ -1,7 +1,7 @@
 """Train a detector from a recipe.
 
-    accelerate launch trainer/run.py RECIPE [key=value ...]
-    python trainer/run.py RECIPE [key=value ...]        (one process, same as python -m trainer.run)
+accelerate launch trainer/run.py RECIPE [key=value ...]
+python trainer/run.py RECIPE [key=value ...]        (one process, same as python -m trainer.run)
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from trainer.config import ModelConfig
 from trainer.models import build_detector
-from omegaconf import OmegaConf
 
 
 def small_model_config(**backbone):

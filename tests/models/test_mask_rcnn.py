@@ -23,7 +23,10 @@ def test_images_without_objects_give_zero_box_and_mask_losses(small_model):
 def test_mixed_batch_trains_and_every_loss_is_finite(small_model):
     small_model.train()
     images = [torch.rand(3, 64, 80), torch.randint(0, 255, (3, 96, 64), dtype=torch.uint8)]
-    targets = [box_target(64, 80, [[5, 5, 40, 30], [20, 10, 70, 60]], [1, 3]), box_target(96, 64, [], [])]
+    targets = [
+        box_target(64, 80, [[5, 5, 40, 30], [20, 10, 70, 60]], [1, 3]),
+        box_target(96, 64, [], []),
+    ]
     losses = small_model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values())
     assert all(losses[k].item() > 0 for k in ("loss_rpn_bbox", "loss_bbox", "loss_mask"))
@@ -43,7 +46,9 @@ def test_eval_outputs_follow_the_contract(small_model):
         assert output["labels"].min() >= 1 and output["labels"].max() <= 3
         assert output["scores"].shape == (n,) and (output["scores"] > 0.05).all()
         assert output["masks"].shape == (n, h, w) and output["masks"].dtype == torch.bool
-        assert (output["boxes"][:, 2] <= w + 1e-3).all() and (output["boxes"][:, 3] <= h + 1e-3).all()
+        assert (output["boxes"][:, 2] <= w + 1e-3).all() and (
+            output["boxes"][:, 3] <= h + 1e-3
+        ).all()
     # the first image was asked for at twice its size: its boxes reach past the input size
     assert outputs[0]["boxes"][:, 2].max() > 80
 

@@ -22,7 +22,9 @@ def test_low_quality_matches_give_every_box_an_anchor():
 
 
 def test_no_ground_truth_means_all_negative():
-    matched, labels = match(torch.zeros(2, 0, 5), torch.zeros(2, 0, dtype=torch.bool), 0.7, 0.3, True)
+    matched, labels = match(
+        torch.zeros(2, 0, 5), torch.zeros(2, 0, dtype=torch.bool), 0.7, 0.3, True
+    )
     assert (labels == NEGATIVE).all() and matched.shape == (2, 5)
 
 

@@ -27,9 +27,7 @@ def build_dataset(cfg: DictConfig, train: bool = True):
                     "(COCO 2017: data/coco/annotations/instances_train2017.json and "
                     "data/coco/train2017/, from https://cocodataset.org/#download)."
                 )
-    transforms = build_transforms(
-        list(cfg.min_size), cfg.max_size, cfg.flip_prob if train else 0.0
-    )
+    transforms = build_transforms(list(cfg.min_size), cfg.max_size, cfg.flip_prob if train else 0.0)
     return cls(cfg.ann_file, cfg.img_dir, transforms, cfg.filter_empty and train)
 
 

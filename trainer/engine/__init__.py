@@ -61,8 +61,7 @@ def train_detector(
         cfg.optimizer.base_batch_size,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    names = list(loaders)
-    loaders = dict(zip(names, accelerator.prepare(*loaders.values())))
+    loaders = {name: accelerator.prepare(loader) for name, loader in loaders.items()}
 
     start_epoch = start_iter = 0
     folder = _resume_folder(cfg)
@@ -83,7 +82,9 @@ def train_detector(
         try:
             accelerator.init_trackers(cfg.project, config=to_dict(cfg))
         except Exception as exc:  # no login or no network must not stop training
-            logger.warning("trackers %s could not start (%s); continuing without them", cfg.trackers, exc)
+            logger.warning(
+                "trackers %s could not start (%s); continuing without them", cfg.trackers, exc
+            )
 
     runner = Runner(
         accelerator,

@@ -47,7 +47,9 @@ class MetricsLog:
         """record: phase, epoch, iter and scalar values (losses, lr, metrics)."""
         if not self.accelerator.is_main_process:
             return
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         scalars = {

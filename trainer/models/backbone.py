@@ -100,4 +100,3 @@ def describe(backbone: TimmBackbone) -> str:
         f"strides {backbone.strides}, channels {backbone.channels}, "
         f"{total / 1e6:.1f}M parameters ({frozen / 1e6:.1f}M frozen)"
     )
-

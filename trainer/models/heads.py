@@ -71,7 +71,10 @@ class MaskHead(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(num_convs):
-            layers += [nn.Conv2d(channels if i == 0 else conv_dim, conv_dim, 3, padding=1), nn.ReLU()]
+            layers += [
+                nn.Conv2d(channels if i == 0 else conv_dim, conv_dim, 3, padding=1),
+                nn.ReLU(),
+            ]
         self.convs = nn.Sequential(*layers)
         self.upsample = nn.ConvTranspose2d(conv_dim, conv_dim, 2, stride=2)
         self.predictor = nn.Conv2d(conv_dim, num_classes, 1)

@@ -36,5 +36,3 @@ def mask_loss(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.numel() == 0:
         return logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
-
-

@@ -118,10 +118,14 @@ class RoIHeads(nn.Module):
         flat_image = image.repeat_interleave(num_classes)
         flat_label = torch.arange(1, num_classes + 1, device=image.device).repeat(image.numel())
         keep = (
-            (flat_scores > self.score_thresh)
-            & (flat_boxes[:, 2] > flat_boxes[:, 0])
-            & (flat_boxes[:, 3] > flat_boxes[:, 1])
-        ).nonzero().squeeze(1)
+            (
+                (flat_scores > self.score_thresh)
+                & (flat_boxes[:, 2] > flat_boxes[:, 0])
+                & (flat_boxes[:, 3] > flat_boxes[:, 1])
+            )
+            .nonzero()
+            .squeeze(1)
+        )
         groups = flat_image[keep] * num_classes + flat_label[keep] - 1
         keep = keep[batched_nms(flat_boxes[keep], flat_scores[keep], groups, self.nms_thresh)]
         keep = keep[rank_within_groups(flat_image[keep]) < self.detections_per_img]

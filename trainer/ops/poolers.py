@@ -10,7 +10,11 @@ from torchvision.ops import roi_align
 
 
 def assign_levels(
-    boxes: Tensor, min_level: int, max_level: int, canonical_size: int = 224, canonical_level: int = 4
+    boxes: Tensor,
+    min_level: int,
+    max_level: int,
+    canonical_size: int = 224,
+    canonical_level: int = 4,
 ) -> Tensor:
     """FPN paper eq. 1: level = floor(4 + log2(sqrt(area) / 224)), clamped; [R, 4] -> [R]."""
     sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
