@@ -24,6 +24,10 @@ demo: install
 	WANDB_MODE=offline $(BIN)/python trainer/run.py recipes/demo.yaml
 	$(BIN)/python -m trainer.evaluate recipes/demo.yaml --checkpoint work_dirs/demo
 
+bench: install
+	$(BIN)/python benchmarks/data_loader.py
+	$(BIN)/python benchmarks/eval_speed.py --images 1000
+
 lint: install
 	$(BIN)/ruff check trainer tests
 	$(BIN)/ruff format --check trainer tests

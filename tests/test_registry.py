@@ -9,7 +9,7 @@ from trainer.registry import Registry
 def test_unknown_type_lists_valid_ones():
     with pytest.raises(RecipeError, match=r"unknown detector type 'MaskRCN'.*MaskRCNN"):
         DETECTORS.get("MaskRCN")
-    with pytest.raises(RecipeError, match="CocoDataset, ShapesDataset"):
+    with pytest.raises(RecipeError, match="CocoDataset, HFDataset, ShapesDataset"):
         DATASETS.get("Coco")
 
 

@@ -21,7 +21,8 @@ SMOKE = [
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    # One thread per process: tests share two cores, and oversubscribed threads spin.
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -58,9 +59,11 @@ def test_train_run_writes_its_work_dir(demo_run):
     val = [r for r in records if r["phase"] == "val"]
     assert train[-1]["iter"] == 3 and "loss_mask" in train[-1] and "lr" in train[-1]
     assert len(val) == 1 and 0.0 <= val[0]["segm/AP"] <= 1.0 and "bbox/AP50" in val[0]
-    assert (work_dir / "checkpoints/latest").read_text() == "epoch_1"
-    assert (work_dir / "checkpoints/epoch_1/model.safetensors").is_file()
-    assert "val after epoch 1" in (work_dir / "log.txt").read_text()
+    # max_iters stops inside epoch 1: the checkpoint resumes from there
+    assert (work_dir / "checkpoints/latest").read_text() == "iter_3"
+    assert (work_dir / "checkpoints/iter_3/model.safetensors").is_file()
+    assert (work_dir / "checkpoints/final/model.safetensors").is_file()
+    assert "val in epoch 1 (iter 3, 100 images)" in (work_dir / "log.txt").read_text()
 
 
 def test_evaluate_writes_metrics_and_coco_predictions(demo_run):
@@ -117,4 +120,4 @@ def test_accelerate_launch_behaves_like_python(demo_run, tmp_path):
     reference = read_jsonl(work_dir / "metrics.jsonl")
     assert [r["phase"] for r in ours] == [r["phase"] for r in reference]
     # same seed, same data order: the same losses
-    assert ours[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-4)
+    assert [r.get("loss") for r in ours] == [r.get("loss") for r in reference]

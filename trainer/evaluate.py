@@ -1,11 +1,13 @@
 """Evaluate a checkpoint on the recipe's val set with COCO metrics.
 
-    python -m trainer.evaluate RECIPE --checkpoint PATH [--out DIR] [key=value ...]
+    python -m trainer.evaluate RECIPE --checkpoint PATH [--out DIR] [--per-class]
+        [--backend {pycocotools,faster-coco-eval}] [key=value ...]
     accelerate launch -m trainer.evaluate RECIPE --checkpoint PATH      (several processes)
 
 PATH may be a work_dir (its latest checkpoint), a checkpoint folder or a weights file.
 Writes DIR/metrics.json and DIR/predictions.json (COCO results format); DIR defaults to
-``<work_dir>/eval``.
+``<work_dir>/eval``. ``--per-class`` also prints AP and AP50 per class and adds them to
+metrics.json as ``{bbox,segm}/{AP,AP50}/<class name>``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+# trainer.evaluation.coco.BACKENDS, spelled out so that `--help` needs no heavy import.
+BACKENDS = ("pycocotools", "faster-coco-eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint", required=True, help="work_dir, checkpoint folder or weights file"
     )
     parser.add_argument("--out", help="output folder (default: <work_dir>/eval)")
+    parser.add_argument(
+        "--per-class", action="store_true", help="also report AP and AP50 of every class"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pycocotools",
+        help="COCOeval implementation; both give the same numbers (default: pycocotools)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     return parser.parse_intermixed_args(argv)
 
@@ -38,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from trainer.data import build_dataloader, build_dataset
     from trainer.engine.checkpoint import load_weights
     from trainer.engine.logging import setup_logger
-    from trainer.evaluation.coco import CocoEvaluator, summary_table
+    from trainer.evaluation.coco import CocoEvaluator, per_class_table, summary_table
     from trainer.evaluation.inference import evaluate_on_loader
     from trainer.models import build_detector
 
@@ -55,14 +69,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     loader = build_dataloader(dataset, cfg.data.imgs_per_gpu, cfg.data.workers_per_gpu, False)
     model, loader = accelerator.prepare(model, loader)
-    evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat, accelerator=accelerator)
-    metrics = evaluate_on_loader(model, loader, evaluator, accelerator, desc="evaluate")
+    evaluator = CocoEvaluator(
+        dataset.coco,
+        dataset.label_to_cat,
+        iou_types=dataset.iou_types,
+        accelerator=accelerator,
+        backend=args.backend,
+    )
+    metrics = evaluate_on_loader(
+        model, loader, evaluator, accelerator, desc="evaluate", per_class=args.per_class
+    )
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "predictions.json").write_text(json.dumps(evaluator.results()))
         logger.info("\n%s", summary_table(metrics))
+        if args.per_class:
+            logger.info("per class:\n%s", per_class_table(metrics))
         logger.info("wrote %s and %s", out / "metrics.json", out / "predictions.json")
     return metrics
 

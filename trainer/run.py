@@ -33,32 +33,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     # Imported after argument parsing so `--help` answers at once.
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from trainer.config import load_recipe, save_recipe
     from trainer.data import build_dataset
-    from trainer.engine import train_detector
+    from trainer.engine import build_accelerator, train_detector
     from trainer.engine.logging import setup_logger
     from trainer.models import build_detector
     from trainer.models.backbone import describe
 
     cfg = load_recipe(args.recipe, args.overrides)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=list(cfg.trackers) or None,
-        project_dir=cfg.work_dir,
-    )
+    accelerator = build_accelerator(cfg)
     logger = setup_logger(cfg.work_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         save_recipe(cfg, Path(cfg.work_dir) / "config.yaml")
-    logger.info("recipe %s -> work_dir %s", args.recipe, cfg.work_dir)
+    logger.info(
+        "recipe %s -> work_dir %s (%d processes, %s)",
+        args.recipe,
+        cfg.work_dir,
+        accelerator.num_processes,
+        accelerator.distributed_type.value,
+    )
     set_seed(cfg.seed, device_specific=True)
 
     # The main process goes first so a dataset generated on first use is written once.
     with accelerator.main_process_first():
         datasets = {"train": build_dataset(cfg.data.train, train=True)}
-        if any(phase == "val" for phase, _ in cfg.workflow):
+        if cfg.val_interval_iters or any(phase == "val" for phase, _ in cfg.workflow):
             datasets["val"] = build_dataset(cfg.data.val, train=False)
     logger.info(
         "train set: %d images, %d classes %s",
@@ -76,12 +77,22 @@ def cli() -> None:
     """Entry point that turns known user errors into one message instead of a traceback."""
     from trainer.config import RecipeError
 
+    def fail(exc: Exception, code: int) -> None:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(code)
+
     try:
         main()
     except (RecipeError, FileNotFoundError) as exc:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc, 2)
+    except RuntimeError as exc:
+        # Imported here, not above, so that `--help` stays quick (main imported it already).
+        from trainer.engine import NonFiniteLossError
+
+        if not isinstance(exc, NonFiniteLossError):
+            raise
+        fail(exc, 1)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,66 @@
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
-from trainer.config import LRScheduleConfig, OptimizerConfig
+from trainer.config import LRScheduleConfig, OptimizerConfig, RecipeError
 from trainer.engine.optim import build_lr_scheduler, build_optimizer, lr_factor
+
+
+class TwoPartModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 2)
+
+
+def optimizer_cfg(**kwargs):
+    return OmegaConf.structured(OptimizerConfig(**kwargs))
 
 
 def test_lr_scales_linearly_with_global_batch():
     model = torch.nn.Linear(2, 2)
-    cfg = OmegaConf.structured(OptimizerConfig(lr=0.02, base_batch_size=16))
+    cfg = optimizer_cfg(lr=0.02, base_batch_size=16)
     assert build_optimizer(model, cfg, 16).param_groups[0]["lr"] == pytest.approx(0.02)
     assert build_optimizer(model, cfg, 4).param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_norms_and_biases_get_no_decay_and_the_backbone_its_lr_multiplier():
+    model = TwoPartModel()
+    cfg = optimizer_cfg(lr=0.02, base_batch_size=16, weight_decay=1e-4, backbone_lr_mult=0.1)
+    optimizer = build_optimizer(model, cfg, 16)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    bn = model.backbone[1]
+    assert ids["backbone.decay"] == {id(model.backbone[0].weight)}
+    assert ids["backbone.no_decay"] == {id(bn.weight), id(bn.bias)}
+    assert ids["head.decay"] == {id(model.head.weight)}
+    assert ids["head.no_decay"] == {id(model.head.bias)}
+    assert groups["backbone.decay"]["lr"] == pytest.approx(0.002)
+    assert groups["head.no_decay"]["lr"] == pytest.approx(0.02)
+    assert groups["head.decay"]["weight_decay"] == 1e-4
+    assert groups["backbone.no_decay"]["weight_decay"] == 0.0
+    assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_decay_everywhere_when_asked_and_frozen_parameters_left_out():
+    model = TwoPartModel()
+    model.backbone[0].weight.requires_grad_(False)
+    cfg = optimizer_cfg(decay_norm_and_bias=True, weight_decay=1e-4)
+    optimizer = build_optimizer(model, cfg, 16)
+    assert all(g["weight_decay"] == 1e-4 for g in optimizer.param_groups)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
+
+
+def test_adamw_takes_its_betas_and_unknown_types_are_recipe_errors():
+    cfg = optimizer_cfg(type="AdamW", betas=[0.8, 0.9])
+    optimizer = build_optimizer(TwoPartModel(), cfg, 16)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.8, 0.9)
+    with pytest.raises(RecipeError, match="unknown optimizer type 'Adam'"):
+        build_optimizer(TwoPartModel(), optimizer_cfg(type="Adam"), 16)
 
 
 def test_warmup_then_steps():
@@ -25,18 +75,46 @@ def test_warmup_then_steps():
     assert lr_factor(1100, **kwargs) == pytest.approx(0.01)
 
 
+def test_cosine_decays_to_the_minimum_after_warmup():
+    kwargs = dict(
+        iters_per_epoch=100,
+        warmup_iters=10,
+        warmup_ratio=0.1,
+        steps=[],
+        gamma=0.1,
+        policy="cosine",
+        total_iters=1000,
+        min_lr_ratio=0.05,
+    )
+    cosine = lambda t: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / 1000))  # noqa: E731
+    assert lr_factor(0, **kwargs) == pytest.approx(0.1)
+    assert lr_factor(5, **kwargs) == pytest.approx(cosine(5) * (0.1 * 0.5 + 0.5))
+    assert lr_factor(500, **kwargs) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(1000, **kwargs) == pytest.approx(0.05)
+    assert lr_factor(1200, **kwargs) == pytest.approx(0.05)
+
+
 def test_scheduler_resumes_at_an_iteration():
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    cfg = OmegaConf.structured(LRScheduleConfig(warmup_iters=10, steps=[1]))
-    scheduler = build_lr_scheduler(optimizer, cfg, iters_per_epoch=20, start_iter=0)
+    def build(start_iter):
+        model = torch.nn.Linear(2, 2)
+        cfg = OmegaConf.structured(OptimizerConfig(lr=1.0, base_batch_size=1))
+        optimizer = build_optimizer(model, cfg, 1)
+        schedule = OmegaConf.structured(LRScheduleConfig(warmup_iters=10, steps=[1]))
+        return optimizer, build_lr_scheduler(optimizer, schedule, 20, 40, start_iter=start_iter)
+
+    optimizer, scheduler = build(0)
     lrs = []
     for _ in range(25):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    optimizer2 = torch.optim.SGD(model.parameters(), lr=1.0)
-    resumed = build_lr_scheduler(optimizer2, cfg, iters_per_epoch=20, start_iter=15)
-    assert optimizer2.param_groups[0]["lr"] == pytest.approx(lrs[15])
+    resumed, _ = build(15)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[15])
     assert lrs[19] == 1.0 and lrs[20] == pytest.approx(0.1)
-    del resumed
+
+
+def test_unknown_schedule_policy_is_a_recipe_error():
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    cfg = OmegaConf.structured(LRScheduleConfig(policy="poly"))
+    with pytest.raises(RecipeError, match="lr_schedule.policy"):
+        build_lr_scheduler(optimizer, cfg, 10, 100)

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from trainer.evaluation import coco as coco_module
-from trainer.evaluation.coco import METRIC_NAMES, CocoEvaluator, summary_table
+from trainer.evaluation.coco import METRIC_NAMES, CocoEvaluator, per_class_table, summary_table
 
 # Non-contiguous category ids, as in real annotation files.
 LABEL_TO_CAT = {1: 3, 2: 7}
@@ -295,3 +295,100 @@ def test_summary_table(coco_gt):
         assert cells[-1] == "-"  # APl is -1: no large ground truth
     assert len({len(line) for line in lines}) == 1  # aligned
     assert CocoEvaluator.summary_table(metrics) == table
+
+
+def _restricted_to_class(gt_path, results: list[dict], iou_type: str, cat: int) -> list[float]:
+    """stats[0:2] (AP, AP50) of plain pycocotools evaluating one category only."""
+    coco = _load(gt_path)
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    dets = [{k: v for k, v in r.items() if k != drop} for r in copy.deepcopy(results)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(coco, coco.loadRes(dets), iou_type)
+        coco_eval.params.catIds = [cat]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return [float(v) for v in coco_eval.stats[:2]]
+
+
+def test_per_class_matches_pycocotools_on_each_class_alone(coco_gt, gt_path):
+    image_ids = [1, 2, 3]
+    outputs = [_perturbed_outputs(coco_gt, i, seed=i) for i in image_ids]
+    evaluator = _evaluate(coco_gt, image_ids, outputs)
+    overall = evaluator.evaluate()
+    metrics = evaluator.evaluate(per_class=True)
+    # The overall metrics are unchanged; per-class keys are added in label order.
+    assert {k: v for k, v in metrics.items() if k in overall} == overall
+    names = {3: "square", 7: "blob"}
+    assert [k for k in metrics if k.startswith("segm/AP/")] == ["segm/AP/square", "segm/AP/blob"]
+    for iou_type in ("bbox", "segm"):
+        for cat, name in names.items():
+            ap, ap50 = _restricted_to_class(gt_path, evaluator.results(), iou_type, cat)
+            assert metrics[f"{iou_type}/AP/{name}"] == pytest.approx(ap, abs=1e-12)
+            assert metrics[f"{iou_type}/AP50/{name}"] == pytest.approx(ap50, abs=1e-12)
+        # COCO's AP is the mean of the per-class APs.
+        per_class = [metrics[f"{iou_type}/AP/{name}"] for name in names.values()]
+        assert np.mean(per_class) == pytest.approx(metrics[f"{iou_type}/AP"], abs=1e-12)
+    assert len({metrics[f"segm/AP/{name}"] for name in names.values()}) == 2
+
+
+def test_per_class_of_a_class_without_ground_truth_is_minus_one(gt_path, tmp_path):
+    # A third category that no annotation uses: COCOeval still has a column for it.
+    dataset = json.loads(gt_path.read_text())
+    dataset["categories"].append({"id": 9, "name": "ghost"})
+    (tmp_path / "ghost.json").write_text(json.dumps(dataset))
+    coco = _load(tmp_path / "ghost.json")
+    evaluator = CocoEvaluator(coco, {**LABEL_TO_CAT, 3: 9})
+    evaluator.process([1], [_gt_outputs(coco, 1)])
+    metrics = evaluator.evaluate(per_class=True)
+    assert metrics["segm/AP/ghost"] == -1.0 and metrics["bbox/AP50/ghost"] == -1.0
+    assert metrics["segm/AP/square"] == pytest.approx(1.0)
+    table = per_class_table(metrics)
+    assert table.splitlines()[-1].split() == ["ghost", "-", "-", "-", "-"]
+
+
+def test_per_class_with_no_detections_gives_zeros(coco_gt):
+    metrics = _evaluate(coco_gt, [1], [_empty_outputs(coco_gt, 1)]).evaluate(per_class=True)
+    assert metrics["bbox/AP/square"] == 0.0 and metrics["segm/AP50/blob"] == 0.0
+
+
+def test_repeated_class_names_get_their_category_id(coco_gt):
+    coco_gt.cats[7]["name"] = "square"
+    evaluator = _evaluate(coco_gt, [1], [_gt_outputs(coco_gt, 1)])
+    metrics = evaluator.evaluate(per_class=True)
+    assert "segm/AP/square (id 3)" in metrics and "segm/AP/square (id 7)" in metrics
+
+
+def test_per_class_table(coco_gt):
+    image_ids = [1, 2, 3]
+    outputs = [_perturbed_outputs(coco_gt, i, seed=i) for i in image_ids]
+    metrics = _evaluate(coco_gt, image_ids, outputs).evaluate(per_class=True)
+    lines = per_class_table(metrics).splitlines()
+    assert lines[0].split() == ["class", "bbox", "AP", "bbox", "AP50", "segm", "AP", "segm", "AP50"]
+    assert [line.split()[0] for line in lines[1:]] == ["square", "blob"]
+    cells = lines[2].split()[1:]
+    assert cells == [
+        f"{100 * metrics[f'{t}/{n}/blob']:.1f}" for t in ("bbox", "segm") for n in ("AP", "AP50")
+    ]
+    assert len({len(line) for line in lines}) == 1  # aligned
+    with pytest.raises(ValueError, match="per_class=True"):
+        per_class_table({k: v for k, v in metrics.items() if k.count("/") == 1})
+
+
+def test_faster_coco_eval_backend_gives_the_same_metrics(coco_gt):
+    pytest.importorskip("faster_coco_eval")
+    image_ids = [1, 2, 3]
+    outputs = [_perturbed_outputs(coco_gt, i, seed=i) for i in image_ids]
+    annotations = copy.deepcopy(coco_gt.anns)
+    faster = _evaluate(coco_gt, image_ids, outputs, backend="faster-coco-eval").evaluate(
+        per_class=True
+    )
+    # The ground truth the evaluator was given is left as it was.
+    assert coco_gt.anns == annotations
+    expected = _evaluate(coco_gt, image_ids, outputs).evaluate(per_class=True)
+    assert faster == pytest.approx(expected, abs=1e-12)
+
+
+def test_unknown_backend_is_refused(coco_gt):
+    with pytest.raises(ValueError, match="pycocotools"):
+        CocoEvaluator(coco_gt, LABEL_TO_CAT, backend="detectron2")

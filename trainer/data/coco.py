@@ -1,93 +1,156 @@
-"""COCO-format instance segmentation datasets read with pycocotools."""
+"""COCO-format instance segmentation datasets.
+
+The annotation file is parsed with msgspec into typed records that hold only the fields used,
+then moved into flat numpy arrays; polygons stay JSON text until a sample needs its masks.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
+from trainer.config import RecipeError
+from trainer.data.annotations import Annotations, boxes_array
+from trainer.data.base import DetectionDataset
+from trainer.data.segmentation import RawSegmentation, Segmentations
 from trainer.data.shapes import ensure_shapes
 
 
-class CocoDataset(Dataset):
-    """Images and instance annotations of a COCO json file.
+class _Image(msgspec.Struct):
+    id: int
+    file_name: str
+    width: int
+    height: int
 
-    Category ids map to contiguous labels 1..K in id order (``cat_to_label``,
-    ``label_to_cat``); ``CLASSES`` holds their names. Crowd regions are left out of the
-    targets. Item: (image uint8 [3, H, W], target) with target ``boxes`` [N, 4] xyxy float,
-    ``labels`` [N] int64, ``masks`` [N, H, W] uint8, ``image_id`` int, ``orig_size``
-    (height, width) of the file.
-    """
 
-    def __init__(self, ann_file: str, img_dir: str, transforms=None, filter_empty: bool = False):
+class _Annotation(msgspec.Struct):
+    id: int
+    image_id: int
+    category_id: int
+    bbox: list[float]
+    iscrowd: int = 0
+    area: float | None = None
+    segmentation: RawSegmentation = None
+
+
+class _Category(msgspec.Struct):
+    id: int
+    name: str
+
+
+class _CocoFile(msgspec.Struct):
+    images: list[_Image]
+    categories: list[_Category]
+    annotations: list[_Annotation] = []
+
+
+def _decode_error(path: Path, buffer: bytes, exc: msgspec.DecodeError) -> RecipeError:
+    message = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        return RecipeError(f"annotation file '{path}' is not in COCO format: {message}.")
+    where = ""
+    if "(byte " in message:
+        offset = int(message.rsplit("(byte ", 1)[1].rstrip(")"))
+        line = buffer.count(b"\n", 0, offset) + 1
+        column = offset - (buffer.rfind(b"\n", 0, offset) + 1) + 1
+        where = f" at line {line}, column {column}"
+    return RecipeError(f"annotation file '{path}' is not valid JSON{where}: {message}.")
+
+
+def read_coco_json(path: str | Path) -> tuple[Annotations, Segmentations]:
+    """A COCO instances file -> its annotations (``ann_source``: position in the file's
+    annotation list) and segmentations. Annotations without ``area`` get their box's area."""
+    path = Path(path)
+    buffer = path.read_bytes()
+    try:
+        doc = msgspec.json.decode(buffer, type=_CocoFile)
+    except msgspec.DecodeError as exc:  # also ValidationError, its subclass
+        raise _decode_error(path, buffer, exc) from None
+    del buffer
+    categories: dict[int, str] = {}
+    for cat in doc.categories:
+        if cat.id in categories:
+            raise RecipeError(
+                f"annotation file '{path}': category id {cat.id} is used twice "
+                f"('{categories[cat.id]}', '{cat.name}'); category ids must be unique."
+            )
+        categories[cat.id] = cat.name
+    images, anns = doc.images, doc.annotations
+    n, m = len(images), len(anns)
+    boxes = boxes_array([a.bbox for a in anns], m)
+    areas = np.fromiter((np.nan if a.area is None else a.area for a in anns), np.float64, m)
+    missing = np.isnan(areas)
+    areas[missing] = boxes[missing, 2] * boxes[missing, 3]
+    table = Annotations(
+        image_ids=np.fromiter((im.id for im in images), np.int64, n),
+        file_names=np.array([im.file_name for im in images], dtype=str),
+        heights=np.fromiter((im.height for im in images), np.int64, n),
+        widths=np.fromiter((im.width for im in images), np.int64, n),
+        image_source=np.arange(n),
+        ann_ids=np.fromiter((a.id for a in anns), np.int64, m),
+        ann_image_ids=np.fromiter((a.image_id for a in anns), np.int64, m),
+        category_ids=np.fromiter((a.category_id for a in anns), np.int64, m),
+        boxes=boxes,
+        areas=areas,
+        iscrowd=np.fromiter((a.iscrowd for a in anns), bool, m),
+        ann_source=np.arange(m),
+        categories=categories,
+    )
+    return table, Segmentations([a.segmentation for a in anns])
+
+
+class CocoDataset(DetectionDataset):
+    """A COCO json file (``ann_file``) and its image folder (``img_dir``); see
+    :class:`~trainer.data.base.DetectionDataset` for items. A file whose annotations carry
+    no segmentation gives a boxes-only dataset (targets without ``masks``)."""
+
+    def __init__(
+        self,
+        ann_file: str,
+        img_dir: str,
+        transforms=None,
+        filter_empty: bool = False,
+        *,
+        on_bad_annotation: str = "error",
+        check_images: bool = True,
+    ):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"annotation file '{self.ann_file}' does not exist.")
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder '{self.img_dir}' does not exist.")
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(str(self.ann_file))
-        cat_ids = sorted(self.coco.getCatIds())
-        self.CLASSES = tuple(self.coco.cats[c]["name"] for c in cat_ids)
-        self.cat_to_label = {cat: i + 1 for i, cat in enumerate(cat_ids)}
-        self.label_to_cat = {label: cat for cat, label in self.cat_to_label.items()}
-        self.ids = sorted(self.coco.imgs)
-        if filter_empty:
-            self.ids = [i for i in self.ids if self._usable_annotations(i)]
-        self.transforms = transforms
+        table, self._segms = read_coco_json(self.ann_file)
+        self.has_masks = bool(self._segms.present.any())
+        super().__init__(
+            table, str(self.ann_file), transforms, filter_empty, on_bad_annotation, check_images
+        )
 
-    def _usable_annotations(self, image_id: int) -> list[dict]:
-        return [
-            a
-            for a in self.coco.imgToAnns[image_id]
-            if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1
-        ]
+    def _read_image(self, image: int) -> torch.Tensor:
+        path = self.img_dir / str(self.annotations.file_names[image])
+        return decode_image(str(path), mode=ImageReadMode.RGB)
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    def _image_file(self, table: Annotations, image: int) -> Path:
+        return self.img_dir / str(table.file_names[image])
 
-    def __getitem__(self, index: int):
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        image = decode_image(str(self.img_dir / info["file_name"]), mode=ImageReadMode.RGB)
-        height, width = image.shape[-2:]
-        anns = self._usable_annotations(image_id)
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        if anns:
-            masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns]))
-        else:
-            masks = torch.zeros((0, height, width), dtype=torch.uint8)
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns]),
-            "masks": tv_tensors.Mask(masks),
-        }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        target = {
-            "boxes": target["boxes"].as_subclass(torch.Tensor),
-            "labels": target["labels"].reshape(-1).long(),
-            "masks": target["masks"].as_subclass(torch.Tensor),
-            "image_id": image_id,
-            "orig_size": (int(info["height"]), int(info["width"])),
-        }
-        return image.as_subclass(torch.Tensor), target
+    def _segmentations(self, rows: np.ndarray) -> list:
+        return [self._segms[j] for j in self.annotations.ann_source[rows]]
+
+    def _segmentation_problems(self, table: Annotations) -> dict[int, str]:
+        image = table.ann_image.clip(min=0)
+        return self._segms.problems(table.ann_source, table.heights[image], table.widths[image])
 
 
 class ShapesDataset(CocoDataset):
     """The embedded synthetic demo set; generated on first use under the annotation
     file's grandparent folder (``data/shapes/annotations/train.json`` -> ``data/shapes``)."""
 
-    def __init__(self, ann_file: str, img_dir: str, transforms=None, filter_empty: bool = False):
+    def __init__(
+        self, ann_file: str, img_dir: str, transforms=None, filter_empty: bool = False, **kwargs
+    ):
         ensure_shapes(Path(ann_file).parent.parent)
-        super().__init__(ann_file, img_dir, transforms, filter_empty)
+        super().__init__(ann_file, img_dir, transforms, filter_empty, **kwargs)

@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig
+from accelerate.data_loader import SeedableRandomSampler, get_sampler
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
+from torch.utils.data import RandomSampler
 
 from trainer.config import RecipeError, to_dict
 from trainer.data import build_dataloader
-from trainer.engine.checkpoint import latest_checkpoint, load_trainer_state
-from trainer.engine.logging import MetricsLog, get_logger
+from trainer.engine.accelerator import build_accelerator
+from trainer.engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints
+from trainer.engine.logging import MetricsLog, Trackers, flatten, get_logger
 from trainer.engine.optim import build_lr_scheduler, build_optimizer
-from trainer.engine.runner import Runner
+from trainer.engine.runner import NonFiniteLossError, Runner, RunnerOptions, TrainState
+from trainer.engine.seeding import SeededSamples
 from trainer.evaluation.coco import CocoEvaluator
+
+
+def _check_recipe(cfg: DictConfig, has_val: bool) -> None:
+    """Values of the training keys that the schema's types cannot check."""
+    positive = {
+        "log_interval": cfg.log_interval,
+        "max_nonfinite_steps": cfg.max_nonfinite_steps,
+        "val_interval_iters": cfg.val_interval_iters,
+        "checkpoint.interval_iters": cfg.checkpoint.interval_iters,
+        "max_iters": cfg.max_iters,
+    }
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise RecipeError(f"{key} must be a positive integer (or null), got {value}.")
+    if cfg.checkpoint.keep_last < 0 or cfg.log_images < 0:
+        raise RecipeError("checkpoint.keep_last and log_images must be >= 0 (0: keep all, none).")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise RecipeError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}.")
+    if cfg.val_interval_iters and not has_val:
+        raise RecipeError("val_interval_iters is set but no val dataset was built.")
 
 
 def _resume_folder(cfg: DictConfig):
@@ -24,68 +51,143 @@ def _resume_folder(cfg: DictConfig):
 
 
 def train_detector(
-    model: torch.nn.Module, datasets: dict, cfg: DictConfig, accelerator: Accelerator
+    model: torch.nn.Module,
+    datasets: dict,
+    cfg: DictConfig,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """Train ``model`` on ``datasets["train"]`` following ``cfg.workflow``.
 
-    ``datasets`` maps "train" (and "val" when the workflow has a val phase) to datasets.
-    Returns the metrics of the last val phase.
+    ``datasets`` maps "train" (and "val" when the workflow has a val phase or
+    ``val_interval_iters`` is set) to datasets. ``accelerator`` defaults to
+    :func:`build_accelerator`. Returns the metrics of the last val phase.
     """
+    accelerator = accelerator or build_accelerator(cfg)
     logger = get_logger()
-    data = cfg.data
+    _check_recipe(cfg, "val" in datasets)
+    data, steps = cfg.data, cfg.optimizer.accumulation_steps
+    accelerator.gradient_accumulation_steps = steps
     loaders = {
         "train": build_dataloader(
-            datasets["train"], data.imgs_per_gpu, data.workers_per_gpu, shuffle=True, seed=cfg.seed
+            SeededSamples(datasets["train"], cfg.seed),
+            data.imgs_per_gpu,
+            data.workers_per_gpu,
+            shuffle=True,
+            seed=cfg.seed,
+            group_by_aspect_ratio=data.group_by_aspect_ratio,
         )
     }
     if len(loaders["train"]) == 0:
         raise RecipeError(f"the training set '{data.train.ann_file}' has no usable images.")
     evaluator = None
     if "val" in datasets:
+        # Seeded too, so that loading never draws from the random stream of the val losses.
         loaders["val"] = build_dataloader(
-            datasets["val"], data.imgs_per_gpu, data.workers_per_gpu, shuffle=False
+            SeededSamples(datasets["val"], cfg.seed),
+            data.imgs_per_gpu,
+            data.workers_per_gpu,
+            shuffle=False,
         )
         evaluator = CocoEvaluator(
             datasets["val"].coco, datasets["val"].label_to_cat, accelerator=accelerator
         )
 
-    global_batch = data.imgs_per_gpu * accelerator.num_processes
+    global_batch = data.imgs_per_gpu * accelerator.num_processes * steps
     optimizer = build_optimizer(model, cfg.optimizer, global_batch)
     logger.info(
-        "global batch %d (%d processes x %d images): lr %.4g (recipe lr %.4g at %d images)",
+        "global batch %d (%d processes x %d images x %d accumulation steps): lr %.4g "
+        "(recipe lr %.4g at %d images)",
         global_batch,
         accelerator.num_processes,
         data.imgs_per_gpu,
-        optimizer.param_groups[0]["lr"],
+        steps,
+        optimizer.param_groups[0]["initial_lr"],
         cfg.optimizer.lr,
         cfg.optimizer.base_batch_size,
     )
+    for group in optimizer.param_groups:
+        logger.info(
+            "param group %s: %d tensors, lr %.4g, weight decay %g",
+            group["name"],
+            len(group["params"]),
+            group["lr"],
+            group["weight_decay"],
+        )
+    # The recipe's hyperparameters, re-applied after a resume (which loads the saved ones), so
+    # that resuming with another number of processes rescales the lr.
+    hyperparameters = [
+        {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
+    ]
     model, optimizer = accelerator.prepare(model, optimizer)
     loaders = {name: accelerator.prepare(loader) for name, loader in loaders.items()}
+    sampler = get_sampler(loaders["train"])
+    if isinstance(sampler, RandomSampler) and not isinstance(sampler, SeedableRandomSampler):
+        logger.warning(
+            "the training order is not seeded per epoch (use trainer.engine.build_accelerator): "
+            "a resumed run will not see the data in the same order"
+        )
+    ema = None
+    if cfg.ema.enabled:
+        ema = ModelEmaV3(
+            accelerator.unwrap_model(model), decay=cfg.ema.decay, use_warmup=cfg.ema.warmup
+        )
 
-    start_epoch = start_iter = 0
+    state = TrainState()
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(cfg.work_dir)
+    accelerator.wait_for_everyone()
     folder = _resume_folder(cfg)
     if folder is not None:
-        accelerator.load_state(str(folder))
-        state = load_trainer_state(folder)
-        start_epoch, start_iter = state["epoch"], state["iter"]
-        logger.info("resumed from %s at epoch %d, iter %d", folder, start_epoch, start_iter)
+        saved = load_checkpoint(accelerator, folder, ema.module if ema is not None else None)
+        for group, values in zip(optimizer.param_groups, hyperparameters, strict=True):
+            group.update(values)
+        state = TrainState.from_dict(saved)
+        saved_processes = saved.get("num_processes", accelerator.num_processes)
+        if saved_processes != accelerator.num_processes:
+            # Same images seen, counted in this run's per-process batches.
+            state.epoch_batches = state.epoch_batches * saved_processes // accelerator.num_processes
+        logger.info(
+            "resumed from %s at epoch %d, iter %d (%d batches into the epoch)",
+            folder,
+            state.epoch,
+            state.iter,
+            state.epoch_batches,
+        )
     elif cfg.resume == "auto":
         logger.info("resume=auto: no checkpoint in %s yet, starting fresh", cfg.work_dir)
-    # Not passed to prepare(): Accelerate would step it once per process, and the schedule
-    # is per iteration of this process's loader already.
+
+    iters_per_epoch = math.ceil(len(loaders["train"]) / steps)
+    # Not passed to prepare(): Accelerate would step it once per process per update, and the
+    # schedule counts this run's updates already.
     scheduler = build_lr_scheduler(
-        optimizer, cfg.lr_schedule, len(loaders["train"]), start_iter=start_iter
+        optimizer,
+        cfg.lr_schedule,
+        iters_per_epoch,
+        total_iters=cfg.total_epochs * iters_per_epoch,
+        start_iter=state.iter,
     )
 
-    if cfg.trackers:
-        try:
-            accelerator.init_trackers(cfg.project, config=to_dict(cfg))
-        except Exception as exc:  # no login or no network must not stop training
-            logger.warning(
-                "trackers %s could not start (%s); continuing without them", cfg.trackers, exc
-            )
-
+    trackers = Trackers(accelerator, cfg.project, flatten(to_dict(cfg)), cfg.work_dir)
+    started = {str(entry) for entry in accelerator.log_with}
+    for name in cfg.trackers:
+        if name not in started:
+            logger.warning("tracker %s is not installed (pip install %s); skipped", name, name)
+    options = RunnerOptions(
+        work_dir=cfg.work_dir,
+        workflow=[(phase, epochs) for phase, epochs in cfg.workflow],
+        total_epochs=cfg.total_epochs,
+        seed=cfg.seed,
+        log_interval=cfg.log_interval,
+        max_iters=cfg.max_iters,
+        val_interval_iters=cfg.val_interval_iters,
+        checkpoint_interval_iters=cfg.checkpoint.interval_iters,
+        keep_last=cfg.checkpoint.keep_last,
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
+        grad_clip=cfg.optimizer.grad_clip,
+        log_images=cfg.log_images,
+        class_names=tuple(datasets["train"].CLASSES),
+        recipe_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+    )
     runner = Runner(
         accelerator,
         model,
@@ -93,17 +195,19 @@ def train_detector(
         scheduler,
         loaders,
         evaluator,
-        cfg.work_dir,
-        MetricsLog(cfg.work_dir, accelerator),
+        options,
+        MetricsLog(cfg.work_dir, accelerator, trackers),
+        trackers,
         logger,
-        log_interval=cfg.log_interval,
-        max_iters=cfg.max_iters,
-        start_epoch=start_epoch,
-        start_iter=start_iter,
+        ema=ema,
+        state=state,
     )
-    metrics = runner.run([tuple(step) for step in cfg.workflow], cfg.total_epochs)
+    try:
+        metrics = runner.run()
+    finally:
+        trackers.finish()
     accelerator.end_training()
     return metrics
 
 
-__all__ = ["train_detector"]
+__all__ = ["NonFiniteLossError", "build_accelerator", "train_detector"]

@@ -1,26 +1,108 @@
-"""The workflow loop: train and val phases, as mmdetection's ``workflow`` describes them."""
+"""The workflow loop: train and val phases, as mmdetection's ``workflow`` describes them.
+
+The training step (forward, backward, clipping, optimizer, lr and EMA updates) is written
+out in :meth:`Runner.train_epoch`; there are no hooks. One *iteration* is one optimizer
+update (``accumulation_steps`` batches); intervals, ``max_iters`` and the lr schedule count
+iterations.
+"""
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from trainer.engine.checkpoint import save_checkpoint
-from trainer.engine.logging import MetricsLog
+from trainer.engine.checkpoint import (
+    BEST,
+    FINAL,
+    checkpoints_dir,
+    export_weights,
+    latest_checkpoint,
+    save_checkpoint,
+)
+from trainer.engine.logging import MetricsLog, Trackers
+from trainer.engine.validate import draw_predictions, validate
 from trainer.evaluation.coco import CocoEvaluator, summary_table
-from trainer.evaluation.inference import evaluate_on_loader
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many updates in a row had a non-finite loss."""
+
+
+@dataclass
+class RunnerOptions:
+    """Plain settings of a run (from the recipe, see trainer/config.py)."""
+
+    work_dir: str
+    workflow: list[tuple[str, int]]
+    total_epochs: int
+    seed: int = 0
+    log_interval: int = 20
+    max_iters: int | None = None
+    val_interval_iters: int | None = None
+    checkpoint_interval_iters: int | None = None
+    keep_last: int = 3
+    max_nonfinite_steps: int = 5
+    grad_clip: float | None = None
+    log_images: int = 0
+    class_names: tuple[str, ...] = ()
+    recipe_yaml: str = ""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint. ``epoch``: completed training epochs;
+    ``iter``: updates so far; ``epoch_batches``: batches (per process) consumed in the current
+    epoch; ``best``: best val metric so far (``best_metric`` names it)."""
+
+    epoch: int = 0
+    iter: int = 0
+    epoch_batches: int = 0
+    best: float = -math.inf
+    best_metric: str = ""
+
+    def to_dict(self) -> dict:
+        best = None if math.isinf(self.best) else self.best
+        return {
+            "epoch": self.epoch,
+            "iter": self.iter,
+            "epoch_batches": self.epoch_batches,
+            "best": best,
+            "best_metric": self.best_metric,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TrainState:
+        best = state.get("best")
+        return cls(
+            epoch=state["epoch"],
+            iter=state["iter"],
+            epoch_batches=state.get("epoch_batches", 0),
+            best=-math.inf if best is None else best,
+            best_metric=state.get("best_metric", ""),
+        )
+
+
+def _format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 class Runner:
-    """Runs ``workflow`` ([[phase, epochs], ...]) until ``total_epochs`` training epochs.
+    """Runs ``options.workflow`` ([(phase, epochs), ...]) until ``total_epochs`` training
+    epochs are done, from ``state`` (a fresh or a resumed one).
 
-    The training step (forward, backward, optimizer and lr step) is written out in
-    :meth:`train_epoch`; there are no hooks. ``max_iters`` ends training early after the
-    current workflow cycle (so a following val phase still runs).
+    ``loaders["train"]`` is a prepared loader over a dataset with ``set_epoch`` (see
+    :class:`trainer.engine.seeding.SeededSamples`); ``ema`` is a timm ``ModelEmaV3`` or None.
+    ``max_iters`` ends training early, after the current workflow cycle (so a following val
+    phase still runs).
     """
 
     def __init__(
@@ -31,13 +113,12 @@ class Runner:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loaders: dict,
         evaluator: CocoEvaluator | None,
-        work_dir: str,
+        options: RunnerOptions,
         metrics_log: MetricsLog,
+        trackers: Trackers,
         logger: logging.Logger,
-        log_interval: int = 20,
-        max_iters: int | None = None,
-        start_epoch: int = 0,
-        start_iter: int = 0,
+        ema=None,
+        state: TrainState | None = None,
     ):
         self.accelerator = accelerator
         self.model = model
@@ -45,96 +126,273 @@ class Runner:
         self.scheduler = scheduler
         self.loaders = loaders
         self.evaluator = evaluator
-        self.work_dir = work_dir
+        self.options = options
         self.metrics_log = metrics_log
+        self.trackers = trackers
         self.logger = logger
-        self.log_interval = log_interval
-        self.max_iters = max_iters
-        self.epoch = start_epoch
-        self.iter = start_iter
+        self.ema = ema
+        self.state = state or TrainState()
         self.stop = False
         self.last_metrics: dict[str, float] = {}
+        self.nonfinite_streak = 0
+        steps = accelerator.gradient_accumulation_steps
+        self.iters_per_epoch = math.ceil(len(loaders["train"]) / steps)
+        total = options.total_epochs * self.iters_per_epoch
+        self.total_iters = min(total, options.max_iters) if options.max_iters else total
 
-    def run(self, workflow: list, total_epochs: int) -> dict[str, float]:
-        """Returns the metrics of the last val phase (empty if none ran)."""
-        while self.epoch < total_epochs and not self.stop:
-            for phase, epochs in workflow:
-                for _ in range(epochs):
-                    if phase == "train":
-                        if self.epoch >= total_epochs or self.stop:
-                            break
-                        self.train_epoch()
-                        self.epoch += 1
-                        save_checkpoint(
-                            self.accelerator,
-                            self.work_dir,
-                            {"epoch": self.epoch, "iter": self.iter},
-                        )
-                    else:
-                        self.last_metrics = self.val_epoch()
+    # ---------------------------------------------------------------- workflow
+    def run(self) -> dict[str, float]:
+        """Returns the metrics of the last val phase (empty if none ran).
+
+        After a resume, the phases before the checkpoint are passed over: a val phase that
+        followed the saved training epoch runs (again, if the kill came during it).
+        """
+        options, state = self.options, self.state
+        start_epoch, mid_epoch = state.epoch, state.epoch_batches > 0
+        if start_epoch >= options.total_epochs and not mid_epoch:
+            self.logger.info("all %d epochs are done already; nothing to train", start_epoch)
+            return {}
+        trained = 0
+        with logging_redirect_tqdm(loggers=[self.logger]):
+            while trained < options.total_epochs and not self.stop:
+                for phase, epochs in options.workflow:
+                    for _ in range(epochs):
+                        if phase == "train":
+                            if trained >= options.total_epochs or self.stop:
+                                break
+                            if trained >= start_epoch:
+                                self.train_epoch()
+                            trained += 1
+                        elif trained > start_epoch or (trained == start_epoch and not mid_epoch):
+                            self.val_phase()
+            self.export(FINAL, {"epoch": state.epoch, "iter": state.iter})
         return self.last_metrics
 
+    # ---------------------------------------------------------------- training
     def train_epoch(self) -> None:
+        """One training epoch, or its rest after a resume inside it."""
+        accelerator, options, state = self.accelerator, self.options, self.state
+        if options.max_iters and state.iter >= options.max_iters:
+            self.stop = True
+            return
         loader = self.loaders["train"]
+        # The sampler's order and the augmentations are functions of the epoch alone.
+        loader.set_epoch(state.epoch)
+        loader.dataset.set_epoch(state.epoch)
+        batches = loader
+        if state.epoch_batches:
+            batches = accelerator.skip_first_batches(loader, state.epoch_batches)
+            batches.set_epoch(state.epoch)  # the new loader would otherwise restart at epoch 0
         self.model.train()
         bar = tqdm(
             total=len(loader),
-            desc=f"train epoch {self.epoch + 1}",
-            disable=not self.accelerator.is_main_process,
+            initial=state.epoch_batches,
+            desc=f"train epoch {state.epoch + 1}/{options.total_epochs}",
+            disable=not accelerator.is_main_process,
             dynamic_ncols=True,
         )
+        device = accelerator.device
+        window_finite = torch.ones((), dtype=torch.bool, device=device)
         sums: dict[str, torch.Tensor] = {}
-        count, started = 0, time.perf_counter()
-        for step, (images, targets) in enumerate(loader):
-            with self.accelerator.autocast():
-                losses = self.model(images, targets)
-            loss = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.iter += 1
-            count += 1
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
-            bar.update(1)
-
-            last = step + 1 == len(loader) or (self.max_iters and self.iter >= self.max_iters)
-            if self.iter % self.log_interval == 0 or last:
-                # Averaged over the interval and over processes: one host sync per interval.
-                means = {k: v / count for k, v in sums.items()}
-                means = {k: v.item() for k, v in self.accelerator.reduce(means, "mean").items()}
-                means["loss"] = sum(means.values())
-                lr = self.optimizer.param_groups[0]["lr"]
-                elapsed = time.perf_counter() - started
-                record = {"phase": "train", "epoch": self.epoch + 1, "iter": self.iter, **means}
-                record.update(lr=lr, time_per_iter=elapsed / count)
-                self.metrics_log.write(record)
-                bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
-                self.logger.debug("iter %d: %s", self.iter, record)
-                sums, count, started = {}, 0, time.perf_counter()
-            if self.max_iters and self.iter >= self.max_iters:
-                self.stop = True
+        finite_batches = torch.zeros((), device=device)
+        updates, started = 0, time.perf_counter()
+        for images, targets in batches:
+            with accelerator.accumulate(self.model):
+                with accelerator.autocast():
+                    losses = self.model(images, targets)
+                loss = sum(losses.values())
+                accelerator.backward(loss)
+                finite = torch.isfinite(loss)
+                window_finite &= finite
+                for name, value in losses.items():
+                    kept = torch.where(finite, value.detach().float(), 0.0)
+                    sums[name] = sums.get(name, 0.0) + kept
+                finite_batches += finite.float()
+                state.epoch_batches += 1
+                bar.update(1)
+                if not accelerator.sync_gradients:
+                    continue
+                self._update(window_finite)
+                window_finite = torch.ones((), dtype=torch.bool, device=device)
+            updates += 1
+            end_of_epoch = state.epoch_batches >= len(loader)
+            last = end_of_epoch or bool(options.max_iters and state.iter >= options.max_iters)
+            interval = options.checkpoint_interval_iters
+            save = not last and bool(interval) and state.iter % interval == 0
+            # Also at a checkpoint, so that a run resumed from it averages the same intervals.
+            if state.iter % options.log_interval == 0 or last or save:
+                self._log_train(sums, finite_batches, updates, time.perf_counter() - started, bar)
+                sums, finite_batches = {}, torch.zeros((), device=device)
+                updates, started = 0, time.perf_counter()
+            if options.val_interval_iters and state.iter % options.val_interval_iters == 0:
+                self.val_phase()
+            if last:
                 break
+            if save:
+                self.checkpoint(f"iter_{state.iter}")
         bar.close()
+        if state.epoch_batches >= len(loader):
+            state.epoch += 1
+            state.epoch_batches = 0
+            self.logger.info("epoch %d done (iter %d)", state.epoch, state.iter)
+            self.checkpoint(f"epoch_{state.epoch}")
+            self.stop = bool(options.max_iters and state.iter >= options.max_iters)
+        else:  # stopped by max_iters inside the epoch: resumable from here
+            self.stop = True
+            self.checkpoint(f"iter_{state.iter}")
+
+    def _update(self, window_finite: torch.Tensor) -> None:
+        """Optimizer, lr and EMA step after the last batch of an accumulation window, unless a
+        loss in the window (on any process) was not finite."""
+        accelerator, state = self.accelerator, self.state
+        # One host sync per update: whether to step must be known, the same on every process.
+        bad = accelerator.reduce((~window_finite).float(), "sum").item()
+        if bad == 0:
+            self.nonfinite_streak = 0
+            if self.options.grad_clip:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # The lr is a function of the update count, skipped updates included; torch warns when
+        # it moves before any optimizer step, which after a skipped first update is intended.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        state.iter += 1
+        if bad == 0:
+            if self.ema is not None:
+                self.ema.update(accelerator.unwrap_model(self.model), step=state.iter)
+            return
+        self.nonfinite_streak += 1
+        limit = self.options.max_nonfinite_steps
+        self.logger.warning(
+            "non-finite loss at iter %d (epoch %d): update skipped (%d in a row; stop at %d)",
+            state.iter,
+            state.epoch + 1,
+            self.nonfinite_streak,
+            limit,
+        )
+        if self.nonfinite_streak >= limit:
+            latest = latest_checkpoint(self.options.work_dir)
+            where = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint yet"
+            raise NonFiniteLossError(
+                f"the loss was not finite for {limit} updates in a row (last at iter {state.iter}, "
+                f"epoch {state.epoch + 1}); stopping ({where}). Lower optimizer.lr, set "
+                "optimizer.grad_clip or check the data, then resume=auto."
+            )
+
+    def _log_train(
+        self,
+        sums: dict[str, torch.Tensor],
+        finite_batches: torch.Tensor,
+        updates: int,
+        elapsed: float,
+        bar: tqdm,
+    ) -> None:
+        """Losses averaged over the interval's finite batches and over processes."""
+        accelerator, state = self.accelerator, self.state
+        names = list(sums)
+        totals = torch.stack([sums[name] for name in names] + [finite_batches])
+        totals = accelerator.reduce(totals, "sum").tolist()
+        count = totals[-1]
+        means = {name: (total / count if count else math.nan) for name, total in zip(names, totals)}
+        means["loss"] = sum(means.values())
+        lr = self.optimizer.param_groups[0]["lr"]
+        time_per_iter = elapsed / max(updates, 1)
+        record = {"phase": "train", "epoch": state.epoch + 1, "iter": state.iter, **means}
+        record.update(lr=lr, time_per_iter=time_per_iter)
+        if torch.cuda.is_available():
+            record["memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.metrics_log.write(record)
+        eta = _format_eta(time_per_iter * max(self.total_iters - state.iter, 0))
+        bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
         self.logger.info(
-            "epoch %d done (iter %d): %s",
-            self.epoch + 1,
-            self.iter,
-            ", ".join(f"{k} {v:.4f}" for k, v in means.items()),
+            "epoch %d iter %d/%d lr %.3e eta %s %.2fs/iter | %s",
+            state.epoch + 1,
+            state.iter,
+            self.total_iters,
+            lr,
+            eta,
+            time_per_iter,
+            " ".join(f"{name} {value:.4f}" for name, value in means.items()),
         )
 
-    def val_epoch(self) -> dict[str, float]:
-        """Inference on the val loader and COCO metrics, logged as phase ``val``."""
+    # ---------------------------------------------------------------- val
+    def eval_model(self) -> torch.nn.Module:
+        """The weights evaluated and exported: the EMA when kept, else the prepared model
+        (whose forward may be a collective, as under FSDP)."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def val_phase(self) -> dict[str, float]:
+        """Val losses and COCO metrics, logged as phase ``val``; exports the best weights."""
         if self.evaluator is None:
             raise RuntimeError("the workflow has a val phase but no val dataset was built.")
-        metrics = evaluate_on_loader(
-            self.model,
+        accelerator, state = self.accelerator, self.state
+        result = validate(
+            self.eval_model(),
             self.loaders["val"],
             self.evaluator,
-            self.accelerator,
-            desc=f"val after epoch {self.epoch}",
+            accelerator,
+            seed=self.options.seed,
+            keep_images=self.options.log_images if self.trackers.trackers else 0,
+            desc=f"val at iter {state.iter}",
         )
-        self.logger.info("val after epoch %d:\n%s", self.epoch, summary_table(metrics))
-        self.metrics_log.write({"phase": "val", "epoch": self.epoch, "iter": self.iter, **metrics})
+        metrics = result.metrics
+        # After an epoch: that epoch; inside one (val_interval_iters, max_iters): the current.
+        epoch = state.epoch + (1 if state.epoch_batches else 0)
+        record = {"phase": "val", "epoch": epoch, "iter": state.iter}
+        record.update(images=result.num_images, detections=result.num_detections)
+        record.update(**result.losses, **metrics)
+        self.metrics_log.write(record)
+        losses = " ".join(f"{name} {value:.4f}" for name, value in result.losses.items())
+        where = f"in epoch {epoch}" if state.epoch_batches else f"after epoch {epoch}"
+        self.logger.info(
+            "val %s (iter %d, %d images): %s\n%s",
+            where,
+            state.iter,
+            result.num_images,
+            losses,
+            summary_table(metrics),
+        )
+        if result.images:
+            self._log_images(result.images)
+        key = "segm/AP" if "segm/AP" in metrics else "bbox/AP"
+        if key in metrics and metrics[key] > state.best:
+            state.best, state.best_metric = metrics[key], key
+            self.export(BEST, {"epoch": epoch, "iter": state.iter, **metrics})
+            self.logger.info("best %s %.4f so far: weights in %s", key, metrics[key], BEST)
+        self.last_metrics = metrics
         return metrics
+
+    def _log_images(self, pairs: list) -> None:
+        try:
+            drawn = draw_predictions(pairs, self.options.class_names)
+        except Exception as exc:  # a drawing problem must not cost the run
+            self.logger.warning("could not draw val predictions: %s: %s", type(exc).__name__, exc)
+            return
+        self.trackers.log_images("val/predictions", drawn, step=self.state.iter)
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint(self, name: str) -> None:
+        ema_module = self.ema.module if self.ema is not None else None
+        folder = save_checkpoint(
+            self.accelerator,
+            self.options.work_dir,
+            name,
+            self.state.to_dict(),
+            ema_model=ema_module,
+            keep_last=self.options.keep_last,
+        )
+        self.logger.info("saved checkpoint %s", folder)
+
+    def export(self, name: str, info: dict) -> None:
+        """Inference weights with the recipe, as ``checkpoints/<name>``. Call on every
+        process: gathering a sharded model's full state is a collective."""
+        if self.ema is not None:
+            state_dict = self.ema.module.state_dict()
+        else:
+            state_dict = self.accelerator.get_state_dict(self.model)
+        if self.accelerator.is_main_process:
+            folder = checkpoints_dir(self.options.work_dir) / name
+            export_weights(folder, state_dict, self.options.recipe_yaml, info)
+        self.accelerator.wait_for_everyone()

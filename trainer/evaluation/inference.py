@@ -16,9 +16,11 @@ def evaluate_on_loader(
     evaluator: CocoEvaluator,
     accelerator: Accelerator,
     desc: str = "val",
+    per_class: bool = False,
 ) -> dict[str, float]:
     """Run the model in eval mode over ``loader`` (batches of images and targets with
-    ``image_id`` and ``orig_size``) and return the evaluator's metrics on every process.
+    ``image_id`` and ``orig_size``) and return the evaluator's metrics on every process
+    (with per-class AP when ``per_class``).
 
     Results are produced at each image's original size, as the annotation file has it.
     """
@@ -30,4 +32,4 @@ def evaluate_on_loader(
         with accelerator.autocast():
             outputs = model(images, output_sizes=[t["orig_size"] for t in targets])
         evaluator.process([t["image_id"] for t in targets], outputs)
-    return evaluator.evaluate()
+    return evaluator.evaluate(per_class=per_class)

@@ -1,0 +1,12 @@
+"""Each engine test starts from a fresh Accelerate state."""
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state; each test builds its own Accelerator."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
