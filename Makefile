@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/python -m trainer.evaluate recipes/demo.yaml --checkpoint work_dirs/demo
 
 bench: install
+	$(BIN)/python benchmarks/model_speed.py
 	$(BIN)/python benchmarks/data_loader.py
 	$(BIN)/python benchmarks/eval_speed.py --images 1000
 

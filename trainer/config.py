@@ -24,12 +24,23 @@ class RecipeError(ValueError):
 class BackboneConfig:
     name: str = "resnet50"  # any timm model name
     pretrained: bool = True  # timm's own download of the weights
-    # Stem plus this many stages get no gradient; null: 1 when pretrained, else 0.
+    # Local .safetensors/.pth state dict of the timm model, loaded offline instead of the
+    # download.
+    checkpoint: str | None = None
+    # Stem plus this many stages get no gradient (and frozen BatchNorm); null: 1 with
+    # weights (pretrained or checkpoint), else 0.
     frozen_stages: int | None = None
-    # BatchNorm replaced by a frozen affine map; null: frozen when pretrained.
+    # BatchNorm replaced by a frozen affine map; null: frozen with weights. false: BatchNorm
+    # trains (needs a few images per process).
     frozen_bn: bool | None = None
-    # timm feature indices to use; null: chosen to cover strides 4..32.
+    # Synchronize the BatchNorm that trains across processes (multi-GPU; needs frozen_bn: false).
+    sync_bn: bool = False
+    # timm feature indices to use; null: chosen to cover strides 4..32, with maps the model
+    # lacks (e.g. a plain ViT's) made ViTDet-style from the ones it has.
     out_indices: list[int] | None = None
+    # [height, width] to build the model for (timm's img_size). Models that take one input
+    # size only (e.g. MaxViT) get batches padded to it: set it to the largest padded image.
+    img_size: list[int] | None = None
 
 
 @dataclass
@@ -58,6 +69,8 @@ class RoIHeadsConfig:
     box_fc_dim: int = 1024
     mask_conv_dim: int = 256
     num_mask_convs: int = 4
+    num_box_convs: int = 0  # 3x3 convs before the box head's fully connected layers
+    norm: str = "none"  # "gn": GroupNorm in the box and mask head convs (Detectron2's GN heads)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100

@@ -35,6 +35,8 @@ def val_setup(tmp_path_factory):
             f"data.val.ann_file={root}/annotations/val.json",
             f"data.val.img_dir={root}/val",
             "data.val.type=CocoDataset",
+            "data.val.min_size=[64]",
+            "model.backbone.name=test_resnet",
             "model.roi_heads.detections_per_img=10",
         ],
     )

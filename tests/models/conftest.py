@@ -21,6 +21,16 @@ def small_model_config(**backbone):
     return cfg
 
 
+def lean_model_config(**backbone):
+    """small_model_config with fewer proposals and sampled RoIs: quicker steps, and on an
+    image with one object the positives weigh more in the box loss."""
+    cfg = small_model_config(**backbone)
+    cfg.rpn.pre_nms_top_n_train = cfg.rpn.pre_nms_top_n_test = 200
+    cfg.rpn.post_nms_top_n_train = cfg.rpn.post_nms_top_n_test = 100
+    cfg.roi_heads.batch_size_per_image = 64
+    return cfg
+
+
 @pytest.fixture
 def small_model():
     torch.manual_seed(0)

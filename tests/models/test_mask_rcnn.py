@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tests.models.conftest import box_target
@@ -55,11 +56,11 @@ def test_eval_outputs_follow_the_contract(small_model):
 
 def test_overfits_a_single_image():
     """The whole detector learns: on one image, losses fall far and the object is found."""
-    from tests.models.conftest import small_model_config
+    from tests.models.conftest import lean_model_config
     from trainer.models import build_detector
 
     torch.manual_seed(0)
-    model = build_detector(small_model_config(), num_classes=2)
+    model = build_detector(lean_model_config(), num_classes=2)
     image = torch.full((3, 64, 64), 0.2)
     image[:, 16:48, 8:40] = 0.9
     target = box_target(64, 64, [[8, 16, 40, 48]], [2])
@@ -85,3 +86,80 @@ def test_overfits_a_single_image():
     mask = output["masks"][best]
     truth = target["masks"][0].bool()
     assert (mask & truth).sum() / (mask | truth).sum() > 0.7
+
+
+def test_two_hundred_objects_in_one_image(small_model):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.randint(0, 100, (200, 2), generator=g)
+    wh = torch.randint(4, 28, (200, 2), generator=g)
+    boxes = torch.cat((xy, (xy + wh).clamp(max=128)), dim=1).tolist()
+    labels = torch.randint(1, 4, (200,), generator=g).tolist()
+    small_model.train()
+    losses = small_model(
+        [torch.rand(3, 128, 128), torch.rand(3, 96, 96)],
+        [box_target(128, 128, boxes, labels), box_target(96, 96, [[10, 10, 50, 50]], [1])],
+    )
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_mask"].item() > 0
+
+
+def test_tiny_degenerate_and_image_sized_boxes(small_model):
+    small_model.train()
+    boxes = [
+        [0, 0, 96, 64],  # the whole image
+        [40, 30, 41, 31],  # one pixel
+        [10, 10, 10, 20],  # zero width: can match nothing, must not give NaN
+    ]
+    losses = small_model([torch.rand(3, 64, 96)], [box_target(64, 96, boxes, [1, 2, 3])])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in small_model.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_odd_and_non_square_sizes_in_one_batch(small_model):
+    sizes = [(37, 53), (101, 33), (64, 64)]
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    small_model.train()
+    targets = [box_target(h, w, [[2, 3, w - 5, h - 4]], [1]) for h, w in sizes]
+    losses = small_model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    small_model.eval()
+    with torch.no_grad():
+        outputs = small_model(images)
+    for output, (h, w) in zip(outputs, sizes):
+        assert output["masks"].shape[1:] == (h, w)
+        boxes = output["boxes"]
+        assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all() and (boxes >= 0).all()
+
+
+def test_boxes_only_targets_train_boxes_and_leave_the_mask_head_at_zero(small_model):
+    """Without masks every other loss is what it is with them; the mask loss is zero and
+    the mask head gets zero gradients (so distributed training still sees every parameter)."""
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [
+        box_target(64, 80, [[5, 5, 40, 30], [20, 10, 70, 60]], [1, 3]),
+        box_target(72, 64, [[8, 8, 50, 60]], [2]),
+    ]
+    boxes_only = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
+    small_model.train()
+    torch.manual_seed(1)
+    with_masks = small_model(images, targets)
+    torch.manual_seed(1)
+    losses = small_model(images, boxes_only)
+    assert set(losses) == LOSSES and losses["loss_mask"].item() == 0.0
+    for name in LOSSES - {"loss_mask"}:
+        torch.testing.assert_close(losses[name], with_masks[name])
+    sum(losses.values()).backward()
+    for name, param in small_model.named_parameters():
+        assert param.grad is not None, name
+        if name.startswith("roi_heads.mask_head."):
+            assert not param.grad.any(), name
+
+
+def test_a_batch_mixing_boxes_only_and_mask_targets_is_refused(small_model):
+    small_model.train()
+    target = box_target(64, 64, [[5, 5, 40, 30]], [1])
+    boxes_only = {k: v for k, v in target.items() if k != "masks"}
+    with pytest.raises(ValueError, match="mixes targets"):
+        small_model([torch.rand(3, 64, 64)] * 2, [target, boxes_only])

@@ -1,10 +1,14 @@
+import math
+
 import torch
+from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 from torchvision.ops import box_iou
 
 from trainer.ops.boxes import (
     BoxCoder,
     batched_box_iou,
     clip_boxes,
+    non_empty,
     rank_within_groups,
     scatter_per_image,
 )
@@ -32,6 +36,36 @@ def test_encode_known_values():
     torch.testing.assert_close(coder.encode(boxes, reference), expected)
 
 
+def test_encode_matches_torchvision():
+    g = torch.Generator().manual_seed(2)
+    boxes, reference = random_boxes(200, g), random_boxes(200, g)
+    for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
+        expected = TorchvisionBoxCoder(weights).encode_single(boxes, reference)
+        torch.testing.assert_close(BoxCoder(weights).encode(boxes, reference), expected)
+
+
+def test_decode_matches_torchvision_including_the_scale_clamp():
+    g = torch.Generator().manual_seed(3)
+    reference = random_boxes(100, g)
+    num_classes = 3
+    deltas = torch.randn(100, num_classes, 4, generator=g) * 3  # some scales past the clamp
+    deltas[:5, :, 2:] = 20.0
+    for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
+        coder = TorchvisionBoxCoder(weights, bbox_xform_clip=math.log(1000.0 / 16))
+        expected = coder.decode_single(deltas.reshape(100, -1), reference).reshape(100, -1, 4)
+        ours = BoxCoder(weights).decode(deltas, reference[:, None, :])
+        torch.testing.assert_close(ours, expected)
+
+
+def test_coder_works_in_fp32_under_bf16_inputs():
+    g = torch.Generator().manual_seed(4)
+    boxes, reference = random_boxes(20, g), random_boxes(20, g)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    deltas = coder.encode(boxes.bfloat16(), reference.bfloat16())
+    assert deltas.dtype == torch.float32
+    assert coder.decode(deltas.bfloat16(), reference.bfloat16()).dtype == torch.float32
+
+
 def test_decode_clamps_huge_scales():
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     box = coder.decode(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
@@ -55,6 +89,11 @@ def test_clip_boxes_per_image():
     clipped = clip_boxes(boxes, torch.tensor([[100, 50], [400, 400]]))
     assert clipped[0, 0].tolist() == [0, 0, 50, 100]
     assert clipped[1, 0].tolist() == [0, 0, 200, 300]
+
+
+def test_non_empty_keeps_boxes_of_at_least_min_size():
+    boxes = torch.tensor([[0, 0, 1e-3, 5], [0, 0, 5, 5e-4], [2, 2, 2, 9], [0, 0, 1, 1.0]])
+    assert non_empty(boxes, 1e-3).tolist() == [True, False, False, True]
 
 
 def test_rank_within_groups_and_scatter():

@@ -1,4 +1,5 @@
 import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 from torchvision.ops import roi_align
 
 from trainer.ops.masks import crop_and_resize, paste_masks
@@ -46,3 +47,94 @@ def test_paste_matches_bilinear_resize():
     inner = pasted[0, 5:45, 9:63]  # away from the border, where zero padding takes part
     assert (inner == (resized[1:41, 1:55] >= 0.5)).float().mean() > 0.999
     assert not pasted[0, :3].any() and not pasted[0, :, :7].any()
+
+
+def disk_masks(count: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
+    """[count, height, width] uint8 filled disks at random places."""
+    yy, xx = torch.meshgrid(torch.arange(height * 1.0), torch.arange(width * 1.0), indexing="ij")
+    cx = torch.rand(count, 1, 1, generator=g) * width * 0.6 + width * 0.2
+    cy = torch.rand(count, 1, 1, generator=g) * height * 0.6 + height * 0.2
+    radius = torch.rand(count, 1, 1, generator=g) * min(height, width) * 0.2 + 10
+    return (((xx - cx) ** 2 + (yy - cy) ** 2).sqrt() < radius).to(torch.uint8)
+
+
+def random_boxes(count: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(count, 2, generator=g) * 50
+    return torch.cat((xy, xy + torch.rand(count, 2, generator=g) * (high - low) + low), dim=1)
+
+
+def test_mask_targets_are_torchvision_projection_shifted_by_half_a_pixel():
+    """Deliberate difference: targets are sampled with aligned=True (Detectron2), so they
+    equal torchvision's project_masks_on_boxes (aligned=False) on boxes moved by -0.5 px.
+    Boxes of 29-56 px make torchvision's adaptive sampling use the same 2x2 samples."""
+    g = torch.Generator().manual_seed(2)
+    masks = disk_masks(3, 100, 120, g)
+    index = torch.randint(0, 3, (60,), generator=g)
+    boxes = random_boxes(60, 29, 56, g)
+    ours = crop_and_resize(masks, index, boxes, 28)
+    torch.testing.assert_close(
+        ours, project_masks_on_boxes(masks, boxes - 0.5, index, 28), atol=1e-5, rtol=0
+    )
+    # Unshifted, the two differ at the mask edges only.
+    theirs = project_masks_on_boxes(masks, boxes, index, 28)
+    assert 0 < ((ours >= 0.5) != (theirs >= 0.5)).float().mean() < 0.03
+
+
+def test_mask_targets_of_small_and_large_boxes_stay_close_to_torchvision():
+    """For other sizes torchvision samples each cell ceil(box/28) times per axis; ours
+    always 2x2, which changes values at the mask edges only."""
+    g = torch.Generator().manual_seed(3)
+    masks = disk_masks(3, 100, 120, g)
+    index = torch.randint(0, 3, (60,), generator=g)
+    for low, high in [(1, 28), (57, 100)]:
+        boxes = random_boxes(60, low, high, g)
+        ours = crop_and_resize(masks, index, boxes, 28)
+        theirs = project_masks_on_boxes(masks, boxes - 0.5, index, 28)
+        assert ((ours >= 0.5) != (theirs >= 0.5)).float().mean() < 0.02
+
+
+def grid_sample_paste(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int):
+    """Detectron2's paste (``_do_paste_mask``) over the whole image: pixel centres sampled
+    bilinearly from the mask stretched over the box, zero outside."""
+    ys = torch.arange(height, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    x1, y1, x2, y2 = (boxes[:, i, None] for i in range(4))
+    gx = ((xs[None] - x1) / (x2 - x1) * 2 - 1)[:, None, :].expand(-1, height, -1)
+    gy = ((ys[None] - y1) / (y2 - y1) * 2 - 1)[:, :, None].expand(-1, -1, width)
+    grid = torch.stack((gx, gy), dim=3)
+    return torch.nn.functional.grid_sample(masks[:, None], grid, align_corners=False)[:, 0]
+
+
+def test_paste_matches_grid_sample_reference():
+    g = torch.Generator().manual_seed(4)
+    masks = torch.rand(70, 28, 28, generator=g)
+    boxes = torch.cat(
+        (
+            random_boxes(30, 0.5, 90, g),  # some reach past the bottom and right
+            random_boxes(30, 0.5, 90, g) - 40,  # some start before the top and left
+            torch.tensor([[-5.0, -5.0, 140.0, 100.0], [3.2, 4.7, 3.9, 5.1]]).repeat(5, 1),
+        )
+    )
+    probs = grid_sample_paste(masks, boxes, 97, 131)
+    # a low threshold makes pixels around the box count, where the window must reach
+    for threshold in (0.5, 0.2):
+        ours = paste_masks(masks, boxes, 97, 131, threshold, chunk=16)
+        decided = (probs - threshold).abs() > 1e-4  # leave out float ties at the threshold
+        assert torch.equal(ours[decided], (probs >= threshold)[decided])
+
+
+def test_paste_is_close_to_torchvision_paste_masks_in_image():
+    """Deliberate difference: torchvision rounds each box to whole pixels and pastes it one
+    pixel larger (x2 - x1 + 1); ours samples the exact box, so masks differ by about a
+    pixel at their borders."""
+    g = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    centres = torch.rand(40, 2, 1, 1, generator=g) - 0.5
+    radius = torch.rand(40, 1, 1, generator=g) * 0.5 + 0.3
+    distance = ((xx - centres[:, 0]) ** 2 + (yy - centres[:, 1]) ** 2).sqrt()
+    masks = torch.sigmoid(10 * (radius - distance))  # soft disks
+    boxes = random_boxes(40, 20, 150, g)
+    ours = paste_masks(masks, boxes, 240, 320)
+    theirs = paste_masks_in_image(masks[:, None], boxes, (240, 320))[:, 0] >= 0.5
+    iou = (ours & theirs).flatten(1).sum(1) / (ours | theirs).flatten(1).sum(1)
+    assert iou.min() > 0.8 and iou.mean() > 0.93

@@ -1,6 +1,52 @@
 import torch
+from torchvision.models.detection._utils import Matcher
+from torchvision.ops import box_iou
 
+from trainer.ops.boxes import batched_box_iou
 from trainer.ops.matcher import IGNORE, NEGATIVE, POSITIVE, match, sample
+
+
+def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * 200
+    return torch.cat((xy, xy + torch.rand(n, 2, generator=g) * 80 + 2), dim=1)
+
+
+def torchvision_labels(matches: torch.Tensor) -> torch.Tensor:
+    labels = torch.full_like(matches, POSITIVE)
+    labels[matches == Matcher.BELOW_LOW_THRESHOLD] = NEGATIVE
+    labels[matches == Matcher.BETWEEN_THRESHOLDS] = IGNORE
+    return labels
+
+
+def test_match_equals_torchvision_matcher_on_a_padded_batch():
+    """Same labels and matched boxes as torchvision's Matcher, image by image, for the RPN
+    (0.7 / 0.3 with low-quality matches) and the box head (0.5 / 0.5 without)."""
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 1, 12]
+    gt = torch.zeros(3, 12, 4)
+    gt_valid = torch.zeros(3, 12, dtype=torch.bool)
+    for i, count in enumerate(counts):
+        gt[i, :count] = random_boxes(count, g)
+        gt_valid[i, :count] = True
+    candidates = random_boxes(500, g)
+    for fg, bg, low_quality in [(0.7, 0.3, True), (0.5, 0.5, False)]:
+        matched, labels = match(batched_box_iou(gt, candidates), gt_valid, fg, bg, low_quality)
+        reference = Matcher(fg, bg, allow_low_quality_matches=low_quality)
+        for i, count in enumerate(counts):
+            expected = reference(box_iou(gt[i, :count], candidates))
+            assert torch.equal(labels[i].long(), torchvision_labels(expected))
+            positive = expected >= 0
+            assert torch.equal(matched[i][positive], expected[positive])
+
+
+def test_ground_truth_overlapping_nothing_gets_no_low_quality_match():
+    """Deliberate difference: torchvision makes every candidate with the box's best IoU
+    positive even when that IoU is 0, i.e. all candidates; we require an overlap."""
+    iou = torch.tensor([[[0.0, 0.0, 0.0], [0.2, 0.1, 0.0]]])
+    _, labels = match(iou, torch.tensor([[True, True]]), 0.7, 0.3, allow_low_quality=True)
+    assert labels.tolist() == [[POSITIVE, NEGATIVE, NEGATIVE]]
+    expected = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou[0])
+    assert (expected >= 0).all()
 
 
 def test_match_thresholds_and_padding():

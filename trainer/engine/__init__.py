@@ -89,7 +89,10 @@ def train_detector(
             shuffle=False,
         )
         evaluator = CocoEvaluator(
-            datasets["val"].coco, datasets["val"].label_to_cat, accelerator=accelerator
+            datasets["val"].coco,
+            datasets["val"].label_to_cat,
+            accelerator=accelerator,
+            iou_types=datasets["val"].iou_types,
         )
 
     global_batch = data.imgs_per_gpu * accelerator.num_processes * steps

@@ -366,7 +366,8 @@ class Runner:
 
     def _log_images(self, pairs: list) -> None:
         try:
-            drawn = draw_predictions(pairs, self.options.class_names)
+            with_masks = "segm" in self.evaluator.iou_types
+            drawn = draw_predictions(pairs, self.options.class_names, with_masks)
         except Exception as exc:  # a drawing problem must not cost the run
             self.logger.warning("could not draw val predictions: %s: %s", type(exc).__name__, exc)
             return

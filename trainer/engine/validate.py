@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from trainer.evaluation.coco import CocoEvaluator
+from trainer.visualize import draw_instances
 
 # Layers that behave differently in training mode for reasons other than the detector's own
 # logic: normalization (batch statistics, running-stat updates) and stochastic regularizers.
@@ -129,18 +130,20 @@ def validate(
 
 
 def draw_predictions(
-    pairs: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]], class_names: Sequence[str]
+    pairs: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    class_names: Sequence[str],
+    with_masks: bool = True,
 ) -> list[torch.Tensor]:
-    """(image, prediction) pairs -> uint8 [3, H, W] images with boxes and masks drawn."""
-    from trainer.visualize import draw_instances
+    """(image, prediction) pairs -> uint8 [3, H, W] images with boxes (and masks) drawn.
 
+    ``with_masks`` False leaves the masks out (a boxes-only dataset never trains them)."""
     return [
         draw_instances(
             image,
             output["boxes"],
             output["labels"],
             output["scores"],
-            output["masks"],
+            output["masks"] if with_masks else None,
             class_names,
         )
         for image, output in pairs

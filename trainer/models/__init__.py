@@ -9,6 +9,7 @@ from trainer.models.backbone import TimmBackbone
 from trainer.models.mask_rcnn import MaskRCNN
 from trainer.registry import Registry
 
+HEAD_NORMS = ("none", "gn")
 DETECTORS = Registry("detector", {"MaskRCNN": MaskRCNN})
 
 
@@ -17,9 +18,12 @@ def build_backbone(cfg: DictConfig) -> TimmBackbone:
     return TimmBackbone(
         name=cfg.name,
         pretrained=cfg.pretrained,
+        checkpoint=cfg.checkpoint,
         frozen_stages=cfg.frozen_stages,
         frozen_bn=cfg.frozen_bn,
+        sync_bn=cfg.sync_bn,
         out_indices=list(cfg.out_indices) if cfg.out_indices is not None else None,
+        img_size=list(cfg.img_size) if cfg.img_size is not None else None,
     )
 
 
@@ -29,6 +33,10 @@ def build_detector(cfg: DictConfig, num_classes: int | None = None):
     if num_classes is None:
         raise RecipeError("model.num_classes is not set and no dataset gave the class count.")
     rpn, heads = cfg.rpn, cfg.roi_heads
+    if heads.norm not in HEAD_NORMS:
+        raise RecipeError(
+            f"model.roi_heads.norm must be one of {list(HEAD_NORMS)}, got {heads.norm!r}."
+        )
     return DETECTORS.get(cfg.type)(
         backbone=build_backbone(cfg.backbone),
         num_classes=num_classes,
@@ -54,6 +62,8 @@ def build_detector(cfg: DictConfig, num_classes: int | None = None):
             box_fc_dim=heads.box_fc_dim,
             mask_conv_dim=heads.mask_conv_dim,
             num_mask_convs=heads.num_mask_convs,
+            num_box_convs=heads.num_box_convs,
+            norm=heads.norm,
             score_thresh=heads.score_thresh,
             nms_thresh=heads.nms_thresh,
             detections_per_img=heads.detections_per_img,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -25,7 +27,7 @@ class RPNHead(nn.Module):
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = [], []
         for feature in features:
-            hidden = torch.relu(self.conv(feature))
+            hidden = torch.relu_(self.conv(feature))
             batch, _, height, width = hidden.shape
             logits.append(self.objectness(hidden).permute(0, 2, 3, 1).reshape(batch, -1))
             deltas.append(
@@ -37,16 +39,54 @@ class RPNHead(nn.Module):
         return logits, deltas
 
 
+def conv_block(in_channels: int, out_channels: int, norm: str) -> list[nn.Module]:
+    """3x3 conv, optional GroupNorm (32 groups, or fewer for narrow layers), ReLU.
+
+    ReLUs here work in place: neither a conv's nor GroupNorm's backward needs its output.
+    """
+    if norm == "gn":
+        groups = math.gcd(32, out_channels)
+        return [
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+def _init_convs(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class BoxHead(nn.Module):
-    """Two fully connected layers, then class scores and class-specific box deltas.
+    """Optional 3x3 convs (as wide as the input), two fully connected layers, then class
+    scores and class-specific box deltas.
 
     forward: pooled [R, C, S, S] -> (class logits [R, K + 1], deltas [R, K + 1, 4]);
     class 0 is background.
     """
 
-    def __init__(self, channels: int, pool_size: int, fc_dim: int, num_classes: int):
+    def __init__(
+        self,
+        channels: int,
+        pool_size: int,
+        fc_dim: int,
+        num_classes: int,
+        num_convs: int = 0,
+        norm: str = "none",
+    ):
         super().__init__()
-        self.fc1 = nn.Linear(channels * pool_size * pool_size, fc_dim)
+        layers: list[nn.Module] = []
+        for _ in range(num_convs):
+            layers += conv_block(channels, channels, norm)
+        self.convs = nn.Sequential(*layers)
+        _init_convs(self.convs)
+        flat = channels * pool_size * pool_size
+        self.fc1 = nn.Linear(flat, fc_dim)
         self.fc2 = nn.Linear(fc_dim, fc_dim)
         self.cls_score = nn.Linear(fc_dim, num_classes + 1)
         self.bbox_pred = nn.Linear(fc_dim, (num_classes + 1) * 4)
@@ -56,33 +96,35 @@ class BoxHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = torch.relu(self.fc1(pooled.flatten(1)))
-        hidden = torch.relu(self.fc2(hidden))
+        hidden = torch.relu_(self.fc1(self.convs(pooled).flatten(1)))
+        hidden = torch.relu_(self.fc2(hidden))
         return self.cls_score(hidden), self.bbox_pred(hidden).view(pooled.shape[0], -1, 4)
 
 
 class MaskHead(nn.Module):
-    """3x3 convs, a 2x transposed conv, then one mask logit map per class.
+    """3x3 convs (optionally with GroupNorm), a 2x transposed conv, then the mask logits of
+    each RoI's class.
 
-    forward: pooled [R, C, S, S] -> logits [R, K, 2S, 2S] (index k-1 for label k).
+    forward: pooled [R, C, S, S], labels [R] in 1..K -> logits [R, 2S, 2S]. The per-class
+    1x1 predictor is applied for the given class only (the other K - 1 maps are never
+    needed), which is the same as computing all K and selecting one.
     """
 
-    def __init__(self, channels: int, conv_dim: int, num_convs: int, num_classes: int):
+    def __init__(
+        self, channels: int, conv_dim: int, num_convs: int, num_classes: int, norm: str = "none"
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(num_convs):
-            layers += [
-                nn.Conv2d(channels if i == 0 else conv_dim, conv_dim, 3, padding=1),
-                nn.ReLU(),
-            ]
+            layers += conv_block(channels if i == 0 else conv_dim, conv_dim, norm)
         self.convs = nn.Sequential(*layers)
-        self.upsample = nn.ConvTranspose2d(conv_dim, conv_dim, 2, stride=2)
+        self.upsample = nn.ConvTranspose2d(conv_dim if num_convs else channels, conv_dim, 2, 2)
         self.predictor = nn.Conv2d(conv_dim, num_classes, 1)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+        _init_convs(self)
         nn.init.normal_(self.predictor.weight, std=0.001)
 
-    def forward(self, pooled: Tensor) -> Tensor:
-        return self.predictor(torch.relu(self.upsample(self.convs(pooled))))
+    def forward(self, pooled: Tensor, labels: Tensor) -> Tensor:
+        hidden = torch.relu_(self.upsample(self.convs(pooled)))  # [R, D, 2S, 2S]
+        weight = self.predictor.weight[labels - 1, :, 0, 0]  # [R, D]
+        logits = torch.einsum("rdhw,rd->rhw", hidden, weight.to(hidden.dtype))
+        return logits + self.predictor.bias[labels - 1, None, None].to(logits.dtype)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.models.backbone import TimmBackbone
+from trainer.models.backbone import TimmBackbone, fixed_input_size
 from trainer.models.fpn import FPN
 from trainer.models.roi_heads import RoIHeads
 from trainer.models.rpn import RegionProposalNetwork
@@ -27,6 +27,14 @@ class MaskRCNN(nn.Module):
         training: dict of scalar losses (loss_rpn_cls, loss_rpn_bbox, loss_cls, loss_bbox,
         loss_mask). Inference: per image a dict with ``boxes`` [D, 4], ``labels`` [D],
         ``scores`` [D] and ``masks`` [D, H, W] bool.
+
+    Anchors, box coding, proposal selection, matching, RoI level assignment and the final
+    detections equal torchvision's on the same inputs. Deliberate differences, as in
+    Detectron2 (each checked against torchvision in the tests): RoIAlign is aligned (half-
+    pixel offset) with adaptive sampling, and so are the mask targets; box losses are L1,
+    divided by the number of sampled anchors / RoIs per batch; a ground truth box that
+    overlaps no anchor gets no forced match; masks are pasted at the exact (sub-pixel) box;
+    images are padded, not resized (resizing belongs to the data pipeline).
     """
 
     def __init__(
@@ -72,11 +80,18 @@ class MaskRCNN(nn.Module):
         return self.postprocess(detections, image_sizes, output_sizes)
 
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Normalize and pad into one batch: -> [B, 3, H_pad, W_pad], sizes [B, 2] (h, w)."""
+        """Normalize and pad into one batch: -> [B, 3, H_pad, W_pad], sizes [B, 2] (h, w).
+
+        Padding is at the bottom and right, to a multiple of ``size_divisibility``, or to
+        the input size of a backbone that takes one size only.
+        """
         sizes = [tuple(image.shape[-2:]) for image in images]
-        divisor = self.size_divisibility
-        height = -(-max(h for h, _ in sizes) // divisor) * divisor
-        width = -(-max(w for _, w in sizes) // divisor) * divisor
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        if self.backbone.fixed_size is not None:
+            height, width = fixed_input_size(self.backbone, height, width)
+        else:
+            divisor = self.size_divisibility
+            height, width = -(-height // divisor) * divisor, -(-width // divisor) * divisor
         batch = self.pixel_mean.new_zeros((len(images), 3, height, width))
         for slot, image in zip(batch, images):
             image = image.to(self.pixel_mean.device)
@@ -92,9 +107,16 @@ class MaskRCNN(nn.Module):
 
         Returns ``boxes`` [B, G, 4], ``labels`` [B, G], ``valid`` [B, G] (G = most objects
         in an image), ``masks`` [sum N, H_pad, W_pad] uint8 and ``mask_offset`` [B], the
-        index of each image's first mask.
+        index of each image's first mask. Boxes-only targets (no ``masks`` key in any of
+        them) give ``masks`` None: the mask branch is then not trained on the batch.
         """
         device = self.pixel_mean.device
+        with_masks = ["masks" in t for t in targets]
+        if any(with_masks) and not all(with_masks):
+            raise ValueError(
+                "a training batch mixes targets with and without 'masks'; a dataset gives "
+                "masks for all its images or for none."
+            )
         counts = [len(t["boxes"]) for t in targets]
         most = max(counts)
         boxes = torch.zeros((len(targets), most, 4), device=device)
@@ -105,15 +127,16 @@ class MaskRCNN(nn.Module):
             boxes[i, :count] = target["boxes"].to(device).reshape(-1, 4)
             labels[i, :count] = target["labels"].to(device)
             valid[i, :count] = True
-            mask = target["masks"].to(device, torch.uint8)
-            pad = (0, padded_size[1] - mask.shape[-1], 0, padded_size[0] - mask.shape[-2])
-            masks.append(F.pad(mask, pad))
+            if with_masks[0]:
+                mask = target["masks"].to(device, torch.uint8)
+                pad = (0, padded_size[1] - mask.shape[-1], 0, padded_size[0] - mask.shape[-2])
+                masks.append(F.pad(mask, pad))
         offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
         return {
             "boxes": boxes,
             "labels": labels,
             "valid": valid,
-            "masks": torch.cat(masks),
+            "masks": torch.cat(masks) if with_masks[0] else None,
             "mask_offset": offsets,
         }
 

@@ -8,10 +8,25 @@ from torchvision.ops import batched_nms
 
 from trainer.models.heads import BoxHead, MaskHead
 from trainer.models.losses import box_regression_loss, classification_loss, mask_loss
-from trainer.ops.boxes import BoxCoder, batched_box_iou, clip_boxes, rank_within_groups
+from trainer.ops.boxes import (
+    BoxCoder,
+    batched_box_iou,
+    clip_boxes,
+    non_empty,
+    rank_within_groups,
+)
 from trainer.ops.masks import crop_and_resize
 from trainer.ops.matcher import IGNORE, POSITIVE, match, sample
 from trainer.ops.poolers import MultiLevelRoIAlign
+
+# Detections narrower or shorter than this (pixels) are dropped, as in torchvision.
+MIN_DETECTION_SIZE = 1e-2
+# RoIs per head call at inference: bounds the memory of pooled features and head
+# activations. The mask head's 256-wide 28x28 maps take 0.8 MB per RoI, and 64 at a time
+# cost nothing in speed; the box head's fully connected layers want large matrices (a
+# 7x7x256 input is 50 KB per RoI), so it takes 1024 at a time.
+MASK_INFERENCE_CHUNK = 64
+BOX_INFERENCE_CHUNK = 1024
 
 
 class RoIHeads(nn.Module):
@@ -37,6 +52,8 @@ class RoIHeads(nn.Module):
         box_fc_dim: int,
         mask_conv_dim: int,
         num_mask_convs: int,
+        num_box_convs: int,
+        norm: str,
         score_thresh: float,
         nms_thresh: float,
         detections_per_img: int,
@@ -45,8 +62,10 @@ class RoIHeads(nn.Module):
         self.num_classes = num_classes
         self.box_pooler = MultiLevelRoIAlign(box_pool_size, strides)
         self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, strides)
-        self.box_head = BoxHead(channels, box_pool_size, box_fc_dim, num_classes)
-        self.mask_head = MaskHead(channels, mask_conv_dim, num_mask_convs, num_classes)
+        self.box_head = BoxHead(
+            channels, box_pool_size, box_fc_dim, num_classes, num_box_convs, norm
+        )
+        self.mask_head = MaskHead(channels, mask_conv_dim, num_mask_convs, num_classes, norm)
         self.box_coder = BoxCoder(tuple(box_coder_weights))
         self.mask_size = 2 * mask_pool_size
         self.batch_size_per_image = batch_size_per_image
@@ -55,6 +74,9 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+
+    def _box_head(self, pooled: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.box_head(pooled)
 
     def losses(
         self, features: list[Tensor], proposals: Tensor, valid: Tensor, gt: dict[str, Tensor]
@@ -81,24 +103,31 @@ class RoIHeads(nn.Module):
                 classes = torch.zeros_like(gt_index)
             rois = torch.cat((image[:, None].to(boxes.dtype), boxes), dim=1)
 
-        class_logits, deltas = self.box_head(self.box_pooler(features, rois))
+        class_logits, deltas = self.box_pooler(features, rois, self._box_head)  # one fc pass
         fg = is_fg.nonzero().squeeze(1)
         with torch.no_grad():
             fg_classes = classes[fg]
             targets = self.box_coder.encode(gt["boxes"][image[fg], gt_index[fg]], boxes[fg])
         loss_box = box_regression_loss(deltas[fg, fg_classes], targets, max(rois.shape[0], 1))
 
-        mask_logits = self.mask_head(self.mask_pooler(features, rois[fg]))
-        mask_logits = mask_logits[torch.arange(fg.numel(), device=fg.device), fg_classes - 1]
+        losses = {"loss_cls": classification_loss(class_logits, classes), "loss_bbox": loss_box}
+        if gt["masks"] is None:
+            # Boxes-only data: the mask head gets a zero loss (and zero gradients), so that
+            # every parameter still takes part in the step, as distributed training needs.
+            losses["loss_mask"] = sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+            return losses
+        mask_logits = self.mask_pooler(
+            features,
+            rois[fg],
+            lambda pooled, index: self.mask_head(pooled, fg_classes[index]),
+            per_level=True,
+        )
         with torch.no_grad():
             mask_targets = crop_and_resize(
                 gt["masks"], gt["mask_offset"][image[fg]] + gt_index[fg], boxes[fg], self.mask_size
             )
-        return {
-            "loss_cls": classification_loss(class_logits, classes),
-            "loss_bbox": loss_box,
-            "loss_mask": mask_loss(mask_logits, mask_targets),
-        }
+        losses["loss_mask"] = mask_loss(mask_logits, mask_targets)
+        return losses
 
     @torch.no_grad()
     def predict(
@@ -107,7 +136,41 @@ class RoIHeads(nn.Module):
         image, column = valid.nonzero(as_tuple=True)
         boxes = proposals[image, column]
         rois = torch.cat((image[:, None].to(boxes.dtype), boxes), dim=1)
-        class_logits, deltas = self.box_head(self.box_pooler(features, rois))
+        class_logits, deltas = self.box_pooler(
+            features, rois, self._box_head, per_level=True, max_rois=BOX_INFERENCE_CHUNK
+        )
+        detections = self.detect(class_logits, deltas, boxes, image, image_sizes)
+
+        det_boxes, det_labels, det_image = (detections[k] for k in ("boxes", "labels", "image"))
+        det_rois = torch.cat((det_image[:, None].to(det_boxes.dtype), det_boxes), dim=1)
+        mask_logits = self.mask_pooler(
+            features,
+            det_rois,
+            lambda pooled, index: self.mask_head(pooled, det_labels[index]),
+            per_level=True,
+            max_rois=MASK_INFERENCE_CHUNK,
+        )
+        detections["mask_probs"] = torch.sigmoid(mask_logits.float())
+        return detections
+
+    def detect(
+        self,
+        class_logits: Tensor,
+        deltas: Tensor,
+        boxes: Tensor,
+        image: Tensor,
+        image_sizes: Tensor,
+    ) -> dict[str, Tensor]:
+        """Final boxes for the whole batch, as torchvision's ``postprocess_detections``.
+
+        Args:
+            class_logits: [R, K + 1]; deltas: [R, K + 1, 4]; boxes: [R, 4] proposals;
+            image: [R] batch index of each proposal; image_sizes: [B, 2] (height, width).
+        Returns:
+            ``boxes`` [D, 4], ``scores`` [D], ``labels`` [D] (1..K) and ``image`` [D]: per
+            image and class, scores above ``score_thresh``, boxes at least 0.01 px wide and
+            tall, NMS, then the ``detections_per_img`` best per image, best first.
+        """
         scores = torch.softmax(class_logits.float(), dim=1)[:, 1:]  # [R, K]
         decoded = self.box_coder.decode(deltas[:, 1:], boxes[:, None, :])  # [R, K, 4]
         decoded = clip_boxes(decoded, image_sizes[image])
@@ -117,27 +180,14 @@ class RoIHeads(nn.Module):
         flat_scores = scores.reshape(-1)
         flat_image = image.repeat_interleave(num_classes)
         flat_label = torch.arange(1, num_classes + 1, device=image.device).repeat(image.numel())
-        keep = (
-            (
-                (flat_scores > self.score_thresh)
-                & (flat_boxes[:, 2] > flat_boxes[:, 0])
-                & (flat_boxes[:, 3] > flat_boxes[:, 1])
-            )
-            .nonzero()
-            .squeeze(1)
-        )
+        keep = (flat_scores > self.score_thresh) & non_empty(flat_boxes, MIN_DETECTION_SIZE)
+        keep = keep.nonzero().squeeze(1)
         groups = flat_image[keep] * num_classes + flat_label[keep] - 1
         keep = keep[batched_nms(flat_boxes[keep], flat_scores[keep], groups, self.nms_thresh)]
         keep = keep[rank_within_groups(flat_image[keep]) < self.detections_per_img]
-
-        det_boxes, det_labels, det_image = flat_boxes[keep], flat_label[keep], flat_image[keep]
-        det_rois = torch.cat((det_image[:, None].to(det_boxes.dtype), det_boxes), dim=1)
-        mask_logits = self.mask_head(self.mask_pooler(features, det_rois))
-        mask_logits = mask_logits[torch.arange(keep.numel(), device=keep.device), det_labels - 1]
         return {
-            "boxes": det_boxes,
+            "boxes": flat_boxes[keep],
             "scores": flat_scores[keep],
-            "labels": det_labels,
-            "image": det_image,
-            "mask_probs": torch.sigmoid(mask_logits.float()),
+            "labels": flat_label[keep],
+            "image": flat_image[keep],
         }

@@ -14,10 +14,14 @@ from trainer.ops.boxes import (
     BoxCoder,
     batched_box_iou,
     clip_boxes,
+    non_empty,
     rank_within_groups,
     scatter_per_image,
 )
 from trainer.ops.matcher import POSITIVE, match, sample
+
+# Proposals narrower or shorter than this (pixels) are dropped, as in torchvision.
+MIN_PROPOSAL_SIZE = 1e-3
 
 
 class RegionProposalNetwork(nn.Module):
@@ -67,7 +71,7 @@ class RegionProposalNetwork(nn.Module):
             [tuple(f.shape[-2:]) for f in features], self.strides, features[0].device
         )
         with torch.no_grad():
-            proposals, valid = self._select_proposals(logits, deltas, anchors, image_sizes)
+            proposals, valid = self.select_proposals(logits, deltas, anchors, image_sizes)
         losses = {}
         if gt is not None:
             losses = self._losses(
@@ -75,10 +79,18 @@ class RegionProposalNetwork(nn.Module):
             )
         return proposals, valid, losses
 
-    def _select_proposals(
+    def select_proposals(
         self, logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], image_sizes: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Top-k per level, decode, clip, NMS per image and level, top-k per image."""
+        """Top-k per level, decode, clip, drop empty boxes, NMS per image and level, top-k
+        per image (as torchvision's ``filter_proposals``, for the whole batch at once).
+
+        Args:
+            logits: per level [B, N_l]; deltas: per level [B, N_l, 4]; anchors: per level
+                [N_l, 4]; image_sizes: [B, 2] (height, width).
+        Returns:
+            proposals [B, P, 4] xyxy, sorted by score within each image, and valid [B, P].
+        """
         mode = "train" if self.training else "test"
         batch = logits[0].shape[0]
         boxes, scores, levels = [], [], []
@@ -97,7 +109,7 @@ class RegionProposalNetwork(nn.Module):
         image_index = torch.arange(batch, device=boxes.device).repeat_interleave(per_image)
         groups = image_index * num_levels + torch.cat(levels).repeat(batch)
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
-        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
+        keep = non_empty(boxes, MIN_PROPOSAL_SIZE).nonzero().squeeze(1)
         keep = keep[batched_nms(boxes[keep], scores[keep], groups[keep], self.nms_thresh)]
         rank = rank_within_groups(image_index[keep])
         top = rank < self.post_nms_top_n[mode]
@@ -108,7 +120,12 @@ class RegionProposalNetwork(nn.Module):
     def _losses(
         self, logits: Tensor, deltas: Tensor, anchors: Tensor, gt: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        """logits [B, N], deltas [B, N, 4], anchors [N, 4]; gt boxes [B, G, 4], valid [B, G]."""
+        """logits [B, N], deltas [B, N, 4], anchors [N, 4]; gt boxes [B, G, 4], valid [B, G].
+
+        Both losses are sums over the sampled anchors divided by B x batch_size_per_image
+        (Detectron2), so a batch short of candidates does not weigh more; torchvision
+        divides by the number actually sampled and uses smooth L1 for the boxes.
+        """
         batch = logits.shape[0]
         with torch.no_grad():
             iou = batched_box_iou(gt["boxes"], anchors)

@@ -54,26 +54,37 @@ def crop_and_resize(masks: Tensor, mask_index: Tensor, boxes: Tensor, size: int)
     return torch.nn.functional.avg_pool2d(value[:, None], 2).squeeze(1)
 
 
-def _interpolation_weights(low: Tensor, high: Tensor, length: int, size: int) -> Tensor:
-    """[N, length, size] bilinear weights mapping `size` mask cells onto image pixels.
+def _interpolation_weights(low: Tensor, high: Tensor, pixels: Tensor, size: int) -> Tensor:
+    """[N, P, size] bilinear weights of the `size` mask cells at pixels [N, P] (indices).
 
     Pixel centre p + 0.5 falls at u = (p + 0.5 - low) / (high - low) * size - 0.5 in mask
-    cells; each cell contributes max(0, 1 - |u - cell|), zero outside the box.
+    cells; each cell contributes max(0, 1 - |u - cell|), so the mask is zero outside.
     """
-    pixels = torch.arange(length, device=low.device, dtype=torch.float32) + 0.5
     extent = (high - low).clamp(min=1e-3)
-    u = (pixels[None, :] - low[:, None]) / extent[:, None] * size - 0.5
+    u = (pixels + 0.5 - low[:, None]) / extent[:, None] * size - 0.5
     cells = torch.arange(size, device=low.device, dtype=torch.float32)
     return (1 - (u[:, :, None] - cells[None, None, :]).abs()).clamp(min=0)
+
+
+def _windows(low: Tensor, high: Tensor, size: int, limit: int) -> tuple[Tensor, Tensor]:
+    """First pixel and pixel count [N] of the span a box's pasted mask can reach: the box
+    plus half a mask cell each side (where bilinear weights are still non-zero)."""
+    margin = (high - low) / (2 * size) + 1
+    start = (low - margin).floor().clamp(0, limit)
+    stop = (high + margin).ceil().clamp(0, limit)
+    return start.long(), (stop - start).long()
 
 
 def paste_masks(
     masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5, chunk: int = 32
 ) -> Tensor:
-    """Paste per-box mask probabilities into full images.
+    """Paste per-box mask probabilities into full images (Detectron2's paste: each pixel
+    centre sampled bilinearly from the mask stretched over the exact box, zero outside).
 
-    The bilinear resize of an S x S mask into its box is separable, so it is two batched
-    matrix products: weights_y [N, H, S] @ mask [N, S, S] @ weights_x^T [N, S, W].
+    The resize is separable: weights_y [N, h, S] @ mask [N, S, S] @ weights_x^T [N, S, w],
+    computed only over each box's window (h x w pixels around the box, not the whole
+    image). Masks go in chunks of similar window size, so a chunk's common window is tight
+    and the float temporaries stay small.
 
     Args:
         masks: [N, S, S] probabilities.
@@ -81,13 +92,27 @@ def paste_masks(
     Returns:
         [N, height, width] bool, thresholded at ``threshold``.
     """
-    out = torch.zeros((masks.shape[0], height, width), dtype=torch.bool, device=masks.device)
-    size = masks.shape[-1]
-    for start in range(0, masks.shape[0], chunk):  # bounds the float temporaries' memory
-        part = slice(start, start + chunk)
-        box = boxes[part].float()
-        weights_x = _interpolation_weights(box[:, 0], box[:, 2], width, size)
-        weights_y = _interpolation_weights(box[:, 1], box[:, 3], height, size)
-        pasted = weights_y @ masks[part].float() @ weights_x.transpose(1, 2)
-        out[part] = pasted >= threshold
+    num, size = masks.shape[0], masks.shape[-1]
+    out = torch.zeros((num, height, width), dtype=torch.bool, device=masks.device)
+    if num == 0:
+        return out
+    boxes = boxes.float()
+    x_start, x_count = _windows(boxes[:, 0], boxes[:, 2], size, width)
+    y_start, y_count = _windows(boxes[:, 1], boxes[:, 3], size, height)
+    order = torch.argsort(x_count * y_count, descending=True)
+    for index in order.split(chunk):
+        # One host read per chunk for its window size; starts move left/up where needed so
+        # the common window stays inside the image (it still covers each box's span).
+        win_h, win_w = (int(v) for v in torch.stack((y_count[index], x_count[index]), 1).amax(0))
+        xs = x_start[index].clamp(max=width - win_w)[:, None] + torch.arange(
+            win_w, device=out.device
+        )
+        ys = y_start[index].clamp(max=height - win_h)[:, None] + torch.arange(
+            win_h, device=out.device
+        )
+        box = boxes[index]
+        weights_x = _interpolation_weights(box[:, 0], box[:, 2], xs.float(), size)
+        weights_y = _interpolation_weights(box[:, 1], box[:, 3], ys.float(), size)
+        pasted = weights_y @ masks[index].float() @ weights_x.transpose(1, 2)
+        out[index[:, None, None], ys[:, :, None], xs[:, None, :]] = pasted >= threshold
     return out
