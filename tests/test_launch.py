@@ -28,7 +28,11 @@ def test_config_parses(name, kind):
     assert config.num_processes % config.num_machines == 0
     if name == "fsdp":
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-        assert config.fsdp_config["fsdp_use_orig_params"] is True
+        # FSDP2: per-parameter sharding, units from MaskRCNN._no_split_modules
+        # (tests/engine/test_fsdp.py runs this wiring on the CPU)
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
 
 
 def test_cpu_config_launches_the_entry_point():

@@ -180,6 +180,15 @@ class EMAConfig:
 
 
 @dataclass
+class DDPConfig:
+    # DDP searches each step for parameters that got no gradient. Frozen parameters are not
+    # in DDP at all and every trainable one of the detector gets a gradient every step (also
+    # without objects or masks), so this is for added parts that sit out some steps; it
+    # costs a graph traversal per step.
+    find_unused_parameters: bool = False
+
+
+@dataclass
 class Recipe:
     work_dir: str | None = None  # null: work_dirs/<recipe file name>
     seed: int = 42
@@ -194,6 +203,10 @@ class Recipe:
     # Consecutive updates with a non-finite loss (each skipped) before the run stops.
     max_nonfinite_steps: int = 5
     mixed_precision: str | None = None  # null: from the accelerate config; or no/fp16/bf16
+    # torch.compile the backbone and FPN for training (dynamic shapes; the first steps of
+    # each new image size are slow while it compiles). See benchmarks/README.md for its effect.
+    compile: bool = False
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     trackers: list[str] = field(default_factory=list)  # accelerate trackers: wandb, tensorboard
     project: str = "trainer"  # tracker project name
     log_images: int = 4  # val images with predictions drawn, sent to trackers per val phase
@@ -251,6 +264,8 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             )
     if not any(step[0] == "train" for step in workflow):
         raise RecipeError(f"{source}: workflow {workflow} has no train phase.")
+    if cfg.mixed_precision in ("False", "false"):
+        cfg.mixed_precision = "no"  # YAML reads a bare `no` as false, as in `mixed_precision=no`
     if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise RecipeError(
             f"{source}: mixed_precision must be null, no, fp16 or bf16, "

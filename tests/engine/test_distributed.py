@@ -1,11 +1,12 @@
 """Two real processes on the CPU (gloo), started by ``accelerate launch --multi_gpu``."""
 
 import json
+import subprocess
 import sys
 
 import pytest
 
-from tests.engine.runs import ROOT, read_records, run, tiny_recipe, tiny_shapes, train_command
+from tests.engine.runs import ENV, ROOT, read_records, run, tiny_recipe, tiny_shapes, train_command
 
 
 def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
@@ -14,7 +15,15 @@ def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
     work_dir = tmp_path / "work"
     recipe = [*tiny_recipe(data, work_dir), "total_epochs=1", "workflow=[[train,1],[val,1]]"]
     launch = ["--multi_gpu", "--num_processes", "2"]
-    launched = run(train_command(*recipe, "trackers=[wandb]", "log_images=2", launch=launch))
+    launched = run(
+        train_command(
+            *recipe,
+            "trackers=[wandb]",
+            "log_images=2",
+            "ddp.find_unused_parameters=true",
+            launch=launch,
+        )
+    )
 
     # both ranks joined one process group: one random state each, different streams
     state = json.loads((work_dir / "checkpoints/epoch_1/trainer_state.json").read_text())
@@ -22,6 +31,7 @@ def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
     log = (work_dir / "log.txt").read_text()
     assert "(2 processes, MULTI_CPU)" in log
     assert "global batch 4 (2 processes x 2 images x 1 accumulation steps)" in log
+    assert "DDP: find_unused_parameters=True" in log  # the recipe's DDP option reached DDP
     # one clean log: the other process prints nothing of its own
     assert launched.stdout.count("train set: 8 images") == 1
     assert log.count("epoch 1 done") == 1
@@ -45,3 +55,15 @@ def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
     assert val["detections"] == len(predictions) > 0
     for name, value in metrics.items():
         assert val[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_sync_bn_on_cpu_processes_is_a_clear_recipe_error(tmp_path):
+    data = tiny_shapes(tmp_path / "shapes")
+    recipe = [*tiny_recipe(data, tmp_path / "work"), "model.backbone.frozen_bn=false"]
+    command = train_command(
+        *recipe, "model.backbone.sync_bn=true", launch=["--multi_gpu", "--num_processes", "2"]
+    )
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    # each process stops with exit status 2 before training; the launcher then fails too
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("error: model.backbone.sync_bn: torch's SyncBatchNorm") == 1

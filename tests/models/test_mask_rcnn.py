@@ -163,3 +163,31 @@ def test_a_batch_mixing_boxes_only_and_mask_targets_is_refused(small_model):
     boxes_only = {k: v for k, v in target.items() if k != "masks"}
     with pytest.raises(ValueError, match="mixes targets"):
         small_model([torch.rand(3, 64, 64)] * 2, [target, boxes_only])
+
+
+def test_every_part_runs_through_its_forward(small_model):
+    """Module hooks see each part in training and inference: FSDP gathers a unit's
+    parameters in its forward pre-hook, so a part called through another method would
+    compute with sharded weights."""
+    parts = ["backbone", "fpn", "rpn", "roi_heads", "roi_heads.box_head", "roi_heads.mask_head"]
+    modules = dict(small_model.named_modules())
+    for training in (True, False):
+        called = set()
+        hooks = [
+            modules[name].register_forward_pre_hook(
+                lambda m, a, name=name, seen=called: seen.add(name)
+            )
+            for name in parts
+        ]
+        small_model.train(training)
+        image = torch.rand(3, 64, 64)
+        with torch.set_grad_enabled(training):
+            if training:
+                small_model([image], [box_target(64, 64, [[6, 10, 40, 50]], [1])])
+            else:
+                small_model([image])
+        for hook in hooks:
+            hook.remove()
+        assert called == set(parts), (
+            f"training={training}: not through forward: {set(parts) - called}"
+        )

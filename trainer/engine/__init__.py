@@ -65,6 +65,13 @@ def train_detector(
     accelerator = accelerator or build_accelerator(cfg)
     logger = get_logger()
     _check_recipe(cfg, "val" in datasets)
+    synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    if synced and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        raise RecipeError(
+            f"model.backbone.sync_bn: torch's SyncBatchNorm runs on GPUs only, and these "
+            f"{accelerator.num_processes} processes run on the CPU; set "
+            "model.backbone.sync_bn: false."
+        )
     data, steps = cfg.data, cfg.optimizer.accumulation_steps
     accelerator.gradient_accumulation_steps = steps
     loaders = {
@@ -121,7 +128,16 @@ def train_detector(
     hyperparameters = [
         {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
     ]
+    if cfg.compile:
+        for name in ("backbone", "fpn"):
+            if not isinstance(getattr(model, name, None), torch.nn.Module):
+                raise RecipeError(f"compile: true needs a model with a '{name}' module.")
+            # In place: parameter names and checkpoints stay those of the plain model.
+            getattr(model, name).compile(dynamic=True)
+        logger.info("backbone and FPN compiled with torch.compile (dynamic shapes)")
     model, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        logger.info("DDP: find_unused_parameters=%s", model.find_unused_parameters)
     loaders = {name: accelerator.prepare(loader) for name, loader in loaders.items()}
     sampler = get_sampler(loaders["train"])
     if isinstance(sampler, RandomSampler) and not isinstance(sampler, SeedableRandomSampler):

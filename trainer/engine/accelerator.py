@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from omegaconf import DictConfig
 
 from trainer.config import RecipeError
 
 
 def build_accelerator(cfg: DictConfig) -> Accelerator:
-    """Accelerator with the recipe's mixed precision, gradient accumulation and trackers.
+    """Accelerator with the recipe's mixed precision (null: the accelerate config's),
+    gradient accumulation, trackers and DDP options (``ddp.*``).
 
     On a machine without a GPU (or other accelerator) it is created with ``cpu=True``: that
     is what makes ``accelerate launch --multi_gpu --num_processes 2`` start two processes
@@ -34,4 +35,7 @@ def build_accelerator(cfg: DictConfig) -> Accelerator:
         log_with=list(cfg.trackers) or None,
         project_dir=cfg.work_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp.find_unused_parameters)
+        ],
     )

@@ -61,6 +61,10 @@ def _choose_out_indices(name: str, feature_info) -> list[int]:
     return [by_stride[s] for s in sorted(by_stride)]
 
 
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
 def _key(name: str) -> str:
     # timm's feature wrappers rename "stages.0" to "stages_0"; compare names with both
     # separators made the same.
@@ -257,6 +261,24 @@ class TimmBackbone(nn.Module):
         for name, param in self.body.named_parameters():
             if name in frozen_set:
                 param.requires_grad_(False)
+
+    def block_classes(self) -> list[str]:
+        """Class names of the backbone's building blocks, for sharding units: each stage
+        timm reports a feature from, or its blocks when the stage is a plain container
+        (a ResNet's ``layer1`` is an ``nn.Sequential`` of ``Bottleneck``)."""
+        modules = {_key(name): module for name, module in self.body.named_modules()}
+        prefix = _key(self._wrapper_prefix())
+        names: list[str] = []
+        for entry in self.body.feature_info.info:
+            module = modules.get(prefix + _key(entry["module"]))
+            if module is None or not _has_parameters(module):
+                continue
+            if isinstance(module, nn.Sequential | nn.ModuleList):
+                blocks = [child for child in module.children() if _has_parameters(child)]
+            else:
+                blocks = [module]
+            names += [type(block).__name__ for block in blocks]
+        return sorted(set(names))
 
     def forward(self, images: Tensor) -> list[Tensor]:
         features = self.body(images)

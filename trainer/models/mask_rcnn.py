@@ -56,6 +56,15 @@ class MaskRCNN(nn.Module):
         self.roi_heads = RoIHeads(fpn_channels, backbone.strides, num_classes, **roi_heads)
         self.num_classes = num_classes
         self.size_divisibility = max(size_divisibility, max(self.fpn.strides))
+        # Units FSDP shards apart, by class name (Accelerate's TRANSFORMER_BASED_WRAP reads
+        # them when the config names no classes): backbone blocks, the pyramid and each head.
+        # Each is entered through its forward, where FSDP gathers its parameters.
+        units = [self.fpn, self.rpn, self.roi_heads.box_head, self.roi_heads.mask_head]
+        if backbone.pyramid is not None:
+            units.append(backbone.pyramid)
+        self._no_split_modules = sorted(
+            set(backbone.block_classes()) | {type(unit).__name__ for unit in units}
+        )
         self.register_buffer("pixel_mean", torch.tensor(backbone.mean).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(backbone.std).view(3, 1, 1), False)
 
@@ -72,9 +81,9 @@ class MaskRCNN(nn.Module):
         gt = self.pad_targets(targets, batch.shape[-2:]) if self.training else None
         proposals, valid, losses = self.rpn(pyramid, image_sizes, gt)
         if self.training:
-            losses.update(self.roi_heads.losses(pyramid[:-1], proposals, valid, gt))
+            losses.update(self.roi_heads(pyramid[:-1], proposals, valid, gt))
             return losses
-        detections = self.roi_heads.predict(pyramid[:-1], proposals, valid, image_sizes)
+        detections = self.roi_heads(pyramid[:-1], proposals, valid, image_sizes=image_sizes)
         if output_sizes is None:
             output_sizes = [tuple(image.shape[-2:]) for image in images]
         return self.postprocess(detections, image_sizes, output_sizes)

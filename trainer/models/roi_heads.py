@@ -32,10 +32,11 @@ BOX_INFERENCE_CHUNK = 1024
 class RoIHeads(nn.Module):
     """Classifies and refines proposals, and predicts a mask for each positive/detection.
 
-    Training: ``losses(features, proposals, valid, gt)`` -> dict of loss_cls, loss_bbox,
-    loss_mask. Inference: ``predict(features, proposals, valid, image_sizes)`` -> dict of
-    flat detections ``boxes`` [D, 4], ``scores`` [D], ``labels`` [D] (1..K), ``image`` [D]
-    (batch index) and ``mask_probs`` [D, M, M].
+    forward(features, proposals, valid, gt=None, image_sizes=None): with ``gt`` (training),
+    :meth:`losses` -> dict of loss_cls, loss_bbox, loss_mask; else :meth:`predict` -> dict
+    of flat detections ``boxes`` [D, 4], ``scores`` [D], ``labels`` [D] (1..K), ``image``
+    [D] (batch index) and ``mask_probs`` [D, M, M]. Callers go through ``forward`` so that
+    module hooks run (FSDP gathers a unit's parameters in its forward pre-hook).
     """
 
     def __init__(
@@ -74,6 +75,18 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+
+    def forward(
+        self,
+        features: list[Tensor],
+        proposals: Tensor,
+        valid: Tensor,
+        gt: dict[str, Tensor] | None = None,
+        image_sizes: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        if gt is not None:
+            return self.losses(features, proposals, valid, gt)
+        return self.predict(features, proposals, valid, image_sizes)
 
     def _box_head(self, pooled: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         return self.box_head(pooled)

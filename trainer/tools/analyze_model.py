@@ -76,8 +76,9 @@ def analyze(model: torch.nn.Module, height: int, width: int) -> tuple[list[Modul
         if name != "Global"
     }
     modules = dict(model.named_modules())
-    # A submodule the model calls through a method other than forward (e.g. roi_heads.predict)
-    # is not seen by the counter, but its children are: such a module gets their sum.
+    # A submodule whose work runs outside its own forward (e.g. a layer whose weight a head
+    # uses directly) is not seen by the counter, but its parent is; and a parent whose
+    # children ran gets at least their sum.
     # Children come after their parent in named_modules, so walking backwards sees them first.
     flops: dict[str, int] = {}
     for name, module in reversed(modules.items()):
