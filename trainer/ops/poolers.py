@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
+
+from trainer.ops.roi_align import roi_align
 
 HeadOutput = Tensor | tuple[Tensor, ...]
 
