@@ -46,10 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    from accelerate import Accelerator
-
     from trainer.config import load_recipe
     from trainer.data import build_dataloader, build_dataset
+    from trainer.engine.accelerator import build_inference_accelerator
     from trainer.engine.checkpoint import load_weights
     from trainer.engine.logging import setup_logger
     from trainer.evaluation.coco import CocoEvaluator, per_class_table, summary_table
@@ -58,14 +57,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     cfg = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.work_dir) / "eval"
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = build_inference_accelerator(cfg)
     logger = setup_logger(out, accelerator.is_main_process)
 
     with accelerator.main_process_first():
         dataset = build_dataset(cfg.data.val, train=False)
     model = build_detector(cfg.model, num_classes=len(dataset.CLASSES))
     weights = load_weights(model, args.checkpoint)
-    logger.info("weights %s, val set %s (%d images)", weights, cfg.data.val.ann_file, len(dataset))
+    logger.info(
+        "weights %s, val set %s (%d images), %d processes",
+        weights,
+        cfg.data.val.ann_file,
+        len(dataset),
+        accelerator.num_processes,
+    )
 
     loader = build_dataloader(dataset, cfg.data.imgs_per_gpu, cfg.data.workers_per_gpu, False)
     model, loader = accelerator.prepare(model, loader)

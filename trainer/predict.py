@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the command; returns the predictions written to predictions.json."""
     args = parse_args(argv)
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import gather_object
     from torch.utils.data import DataLoader
     from torchvision.io import write_png
@@ -143,6 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from trainer.config import load_recipe
     from trainer.data.transforms import build_transforms
+    from trainer.engine.accelerator import build_inference_accelerator
     from trainer.engine.checkpoint import load_weights
     from trainer.evaluation.results import category_lookup, to_coco_results
     from trainer.models import build_detector
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cat_lookup = category_lookup({i + 1: c["id"] for i, c in enumerate(categories)})
     cat_names = {category["id"]: category["name"] for category in categories}
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = build_inference_accelerator(cfg)
     model = build_detector(cfg.model, num_classes=len(categories))
     load_weights(model, args.checkpoint)
     # Device placement only: inference needs no DistributedDataParallel wrapper.

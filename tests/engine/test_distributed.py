@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,15 @@ def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
     assert val["detections"] == len(predictions) > 0
     for name, value in metrics.items():
         assert val[name] == pytest.approx(value, abs=1e-9), name
+
+    # and so does an evaluation shared by two processes (each scoring half the images)
+    shared = tmp_path / "eval_shared"
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", *launch]
+    command = [*accelerate, "-m", "trainer.evaluate", str(ROOT / "recipes/demo.yaml")]
+    run([*command, "--checkpoint", str(work_dir), "--out", str(shared), *recipe])
+    assert "(5 images), 2 processes" in (shared / "log.txt").read_text()
+    assert json.loads((shared / "metrics.json").read_text()) == pytest.approx(metrics, abs=1e-9)
+    assert len(json.loads((shared / "predictions.json").read_text())) == len(predictions)
 
 
 def test_sync_bn_on_cpu_processes_is_a_clear_recipe_error(tmp_path):

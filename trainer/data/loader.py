@@ -95,7 +95,9 @@ def build_dataloader(
     With ``shuffle`` (training) and ``group_by_aspect_ratio``, batches hold images of one
     orientation (the dataset's ``aspect_groups``); datasets without them shuffle plainly.
     """
-    generator = torch.Generator()  # seeds the workers' random augmentations
+    # Fixes the workers' base seeds (and a plain shuffle's order) for a given seed. Training
+    # wraps its dataset in SeededSamples, which seeds each sample's augmentations itself.
+    generator = torch.Generator()
     generator.manual_seed(seed)
     common = dict(
         num_workers=workers_per_gpu,

@@ -39,3 +39,12 @@ def build_accelerator(cfg: DictConfig) -> Accelerator:
             DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp.find_unused_parameters)
         ],
     )
+
+
+def build_inference_accelerator(cfg: DictConfig) -> Accelerator:
+    """Accelerator for evaluation and prediction: device placement, the recipe's mixed
+    precision, and (under ``accelerate launch``) the processes sharing the work; ``cpu=True``
+    without an accelerator, for the same reason as in :func:`build_accelerator`."""
+    return Accelerator(
+        cpu=not torch.accelerator.is_available(), mixed_precision=cfg.mixed_precision
+    )
