@@ -59,6 +59,12 @@ def train_command(*overrides: str, launch: list[str] | None = None) -> list[str]
     return [*prefix, str(ROOT / "trainer/run.py"), str(ROOT / "recipes/demo.yaml"), *overrides]
 
 
+def evaluate_command(*args: str, launch: list[str] | None = None) -> list[str]:
+    """``python -m trainer.evaluate recipes/demo.yaml ...``, or through ``accelerate launch``."""
+    prefix = [str(BIN / "accelerate"), "launch", *launch] if launch else [sys.executable]
+    return [*prefix, "-m", "trainer.evaluate", str(ROOT / "recipes/demo.yaml"), *args]
+
+
 def run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

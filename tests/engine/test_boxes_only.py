@@ -1,9 +1,15 @@
 """A dataset with boxes and no segmentations trains the detector's boxes and is scored as bbox."""
 
 import json
-import sys
 
-from tests.engine.runs import ROOT, read_records, run, tiny_recipe, tiny_shapes, train_command
+from tests.engine.runs import (
+    evaluate_command,
+    read_records,
+    run,
+    tiny_recipe,
+    tiny_shapes,
+    train_command,
+)
 
 
 def strip_segmentations(data_root):
@@ -30,16 +36,6 @@ def test_boxes_only_data_trains_and_scores_bbox(tmp_path):
     best = json.loads((work_dir / "checkpoints/best/info.json").read_text())
     assert best["bbox/AP"] == val["bbox/AP"]
 
-    run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.evaluate",
-            str(ROOT / "recipes/demo.yaml"),
-            "--checkpoint",
-            str(work_dir),
-            *tiny_recipe(data, work_dir),
-        ]
-    )
+    run(evaluate_command("--checkpoint", str(work_dir), *tiny_recipe(data, work_dir)))
     metrics = json.loads((work_dir / "eval/metrics.json").read_text())
     assert "bbox/AP" in metrics and not any(key.startswith("segm/") for key in metrics)

@@ -2,12 +2,18 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.engine.runs import ENV, ROOT, read_records, run, tiny_recipe, tiny_shapes, train_command
+from tests.engine.runs import (
+    ENV,
+    evaluate_command,
+    read_records,
+    run,
+    tiny_recipe,
+    tiny_shapes,
+    train_command,
+)
 
 
 def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
@@ -47,8 +53,7 @@ def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
 
     # a single-process evaluation of the same checkpoint sees the same detections and metrics
     out = tmp_path / "eval"
-    evaluate = [sys.executable, "-m", "trainer.evaluate", str(ROOT / "recipes/demo.yaml")]
-    run([*evaluate, "--checkpoint", str(work_dir), "--out", str(out), *recipe])
+    run(evaluate_command("--checkpoint", str(work_dir), "--out", str(out), *recipe))
     metrics = json.loads((out / "metrics.json").read_text())
     predictions = json.loads((out / "predictions.json").read_text())
     val_images = json.loads((data / "annotations/val.json").read_text())["images"]
@@ -59,9 +64,11 @@ def test_two_processes_train_together_and_evaluate_like_one(tmp_path):
 
     # and so does an evaluation shared by two processes (each scoring half the images)
     shared = tmp_path / "eval_shared"
-    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", *launch]
-    command = [*accelerate, "-m", "trainer.evaluate", str(ROOT / "recipes/demo.yaml")]
-    run([*command, "--checkpoint", str(work_dir), "--out", str(shared), *recipe])
+    run(
+        evaluate_command(
+            "--checkpoint", str(work_dir), "--out", str(shared), *recipe, launch=launch
+        )
+    )
     assert "(5 images), 2 processes" in (shared / "log.txt").read_text()
     assert json.loads((shared / "metrics.json").read_text()) == pytest.approx(metrics, abs=1e-9)
     assert len(json.loads((shared / "predictions.json").read_text())) == len(predictions)
