@@ -96,3 +96,8 @@ def test_cli_missing_coco_says_where_to_put_it(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "data/coco/annotations/instances_train2017.json" in result.stderr
+
+
+def test_unknown_evaluation_backend(tmp_path):
+    with pytest.raises(RecipeError, match=r"evaluation.backend must be one of"):
+        load_recipe(write(tmp_path, DATA), ["evaluation.backend=detectron2"])

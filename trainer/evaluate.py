@@ -17,8 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-# trainer.evaluation.coco.BACKENDS, spelled out so that `--help` needs no heavy import.
-BACKENDS = ("pycocotools", "faster-coco-eval")
+from trainer.config import EVALUATION_BACKENDS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,9 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=BACKENDS,
-        default="pycocotools",
-        help="COCOeval implementation; both give the same numbers (default: pycocotools)",
+        choices=EVALUATION_BACKENDS,
+        help="COCOeval implementation; both give the same numbers "
+        "(default: the recipe's evaluation.backend)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     return parser.parse_intermixed_args(argv)
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataset.label_to_cat,
         iou_types=dataset.iou_types,
         accelerator=accelerator,
-        backend=args.backend,
+        backend=args.backend or cfg.evaluation.backend,
     )
     metrics = evaluate_on_loader(
         model, loader, evaluator, accelerator, desc="evaluate", per_class=args.per_class

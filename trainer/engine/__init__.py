@@ -100,6 +100,7 @@ def train_detector(
             datasets["val"].label_to_cat,
             accelerator=accelerator,
             iou_types=datasets["val"].iou_types,
+            backend=cfg.evaluation.backend,
         )
 
     global_batch = data.imgs_per_gpu * accelerator.num_processes * steps
