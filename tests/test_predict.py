@@ -197,3 +197,24 @@ def test_two_processes_share_the_images(trained):
     assert sorted(p.name for p in (root / "two/overlays").iterdir()) == sorted(
         p.name for p in val.iterdir()
     )
+
+
+def test_boxes_only_annotations_leave_masks_out(trained):
+    root, overrides = trained
+    val = json.loads((root / "shapes/annotations/val.json").read_text())
+    for ann in val["annotations"]:
+        del ann["segmentation"]
+    boxes_only = root / "val_boxes_only.json"
+    boxes_only.write_text(json.dumps(val))
+    images = root / "shapes/val"
+    with_masks = _predict(root, overrides, images, "masks", "--score-threshold", ALL)
+    results = _predict(
+        root,
+        [*overrides, f"data.val.ann_file={boxes_only}"],
+        images,
+        "boxes",
+        "--score-threshold",
+        ALL,
+    )
+    assert results and all("segmentation" not in r for r in results)
+    assert [r["bbox"] for r in results] == [r["bbox"] for r in with_masks]

@@ -18,6 +18,9 @@ Writes, for detections scoring at least ``--score-threshold``:
   "segmentation": {"size": [H, W], "counts": str}}, ...]``.
 - ``DIR/overlays/<file_name with a .png extension>``: the image with masks, boxes, class
   names and scores.
+
+When the annotation file has no segmentations (a boxes-only model), masks are left out of
+both.
 """
 
 from __future__ import annotations
@@ -76,15 +79,25 @@ def find_images(path: str | Path) -> tuple[Path, list[Path]]:
 def read_categories(cfg) -> list[dict]:
     """Categories of the recipe's annotation file (val, else train), sorted by id: the order
     that gives the model's labels 1..K."""
+    return read_classes(cfg)[0]
+
+
+def read_classes(cfg) -> tuple[list[dict], bool]:
+    """(categories sorted by id, whether the annotations have masks) from the recipe's
+    annotation file (val, else train). A boxes-only file means a model whose mask head never
+    trained: its masks are left out."""
     from trainer.config import RecipeError
 
     for split in ("val", "train"):
         ann_file = Path(cfg.data[split].ann_file)
         if ann_file.is_file():
-            categories = json.loads(ann_file.read_text()).get("categories") or []
+            data = json.loads(ann_file.read_text())
+            categories = data.get("categories") or []
             if not categories:
                 raise RecipeError(f"{ann_file} has no categories to name the classes with.")
-            return sorted(categories, key=lambda category: category["id"])
+            annotations = data.get("annotations") or []
+            has_masks = not annotations or any("segmentation" in a for a in annotations)
+            return sorted(categories, key=lambda category: category["id"]), has_masks
     raise RecipeError(
         "class names come from the categories of the recipe's annotation files, but neither "
         f"data.val.ann_file '{cfg.data.val.ann_file}' nor data.train.ann_file "
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     cfg = load_recipe(args.recipe, args.overrides)
     root, files = find_images(args.images)
-    categories = read_categories(cfg)
+    categories, with_masks = read_classes(cfg)
     class_names = [category["name"] for category in categories]
     cat_lookup = category_lookup({i + 1: c["id"] for i, c in enumerate(categories)})
     cat_names = {category["id"]: category["name"] for category in categories}
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 keep = output["scores"] >= args.score_threshold
                 # Only what is kept leaves the device.
                 kept = {key: value[keep].cpu() for key, value in output.items()}
-                for result in to_coco_results(kept, cat_lookup):
+                for result in to_coco_results(kept, cat_lookup, with_masks):
                     name = cat_names[result["category_id"]]
                     results.append({"file_name": file_name, **result, "category_name": name})
                 overlay = draw_instances(
@@ -196,7 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     kept["boxes"],
                     kept["labels"],
                     kept["scores"],
-                    kept["masks"],
+                    kept["masks"] if with_masks else None,
                     class_names,
                     args.score_threshold,
                 )
