@@ -326,6 +326,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
             raise _explain(exc, schema, f"override '{item}'") from None
     if cfg.work_dir is None:
         cfg.work_dir = str(Path("work_dirs") / path.stem)
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
     _check_values(cfg, source)
     OmegaConf.set_readonly(cfg, True)
     return cfg
