@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from trainer.cli import run_main
 from trainer.config import EVALUATION_BACKENDS
 
 
@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def cli() -> None:
-    from trainer.config import RecipeError
-
-    try:
-        main()
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from trainer.cli import run_main
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -232,13 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def cli() -> None:
-    from trainer.config import RecipeError
-
-    try:
-        main()
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
 
 
 if __name__ == "__main__":

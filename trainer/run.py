@@ -7,7 +7,6 @@ python trainer/run.py RECIPE [key=value ...]        (one process, same as python
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ if __package__ in (None, ""):
     # `python trainer/run.py` puts trainer/ itself first on sys.path, where its sub-packages
     # (data, models, ...) would shadow other top-level modules: use the repository root.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from trainer.cli import fail, run_main  # noqa: E402  (after the sys.path fix above)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,17 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 def cli() -> None:
     """Entry point that turns known user errors into one message instead of a traceback."""
-    from trainer.config import RecipeError
-
-    def fail(exc: Exception, code: int) -> None:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(code)
-
     try:
-        main()
-    except (RecipeError, FileNotFoundError) as exc:
-        fail(exc, 2)
+        run_main(main)
     except RuntimeError as exc:
         # Imported here, not above, so that `--help` stays quick (main imported it already).
         from trainer.engine import NonFiniteLossError

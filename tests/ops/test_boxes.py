@@ -8,7 +8,6 @@ from trainer.ops.boxes import (
     BoxCoder,
     batched_box_iou,
     clip_boxes,
-    non_empty,
     rank_within_groups,
     scatter_per_image,
 )
@@ -89,11 +88,6 @@ def test_clip_boxes_per_image():
     clipped = clip_boxes(boxes, torch.tensor([[100, 50], [400, 400]]))
     assert clipped[0, 0].tolist() == [0, 0, 50, 100]
     assert clipped[1, 0].tolist() == [0, 0, 200, 300]
-
-
-def test_non_empty_keeps_boxes_of_at_least_min_size():
-    boxes = torch.tensor([[0, 0, 1e-3, 5], [0, 0, 5, 5e-4], [2, 2, 2, 9], [0, 0, 1, 1.0]])
-    assert non_empty(boxes, 1e-3).tolist() == [True, False, False, True]
 
 
 def test_rank_within_groups_and_scatter():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, remove_small_boxes
 
 from trainer.models.heads import BoxHead, MaskHead
 from trainer.models.losses import box_regression_loss, classification_loss, mask_loss
@@ -12,7 +12,6 @@ from trainer.ops.boxes import (
     BoxCoder,
     batched_box_iou,
     clip_boxes,
-    non_empty,
     rank_within_groups,
 )
 from trainer.ops.masks import crop_and_resize
@@ -193,8 +192,8 @@ class RoIHeads(nn.Module):
         flat_scores = scores.reshape(-1)
         flat_image = image.repeat_interleave(num_classes)
         flat_label = torch.arange(1, num_classes + 1, device=image.device).repeat(image.numel())
-        keep = (flat_scores > self.score_thresh) & non_empty(flat_boxes, MIN_DETECTION_SIZE)
-        keep = keep.nonzero().squeeze(1)
+        keep = torch.where(flat_scores > self.score_thresh)[0]
+        keep = keep[remove_small_boxes(flat_boxes[keep], MIN_DETECTION_SIZE)]
         groups = flat_image[keep] * num_classes + flat_label[keep] - 1
         keep = keep[batched_nms(flat_boxes[keep], flat_scores[keep], groups, self.nms_thresh)]
         keep = keep[rank_within_groups(flat_image[keep]) < self.detections_per_img]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, remove_small_boxes
 
 from trainer.config import RecipeError
 from trainer.models.anchors import AnchorGenerator
@@ -14,7 +14,6 @@ from trainer.ops.boxes import (
     BoxCoder,
     batched_box_iou,
     clip_boxes,
-    non_empty,
     rank_within_groups,
     scatter_per_image,
 )
@@ -109,7 +108,7 @@ class RegionProposalNetwork(nn.Module):
         image_index = torch.arange(batch, device=boxes.device).repeat_interleave(per_image)
         groups = image_index * num_levels + torch.cat(levels).repeat(batch)
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
-        keep = non_empty(boxes, MIN_PROPOSAL_SIZE).nonzero().squeeze(1)
+        keep = remove_small_boxes(boxes, MIN_PROPOSAL_SIZE)
         keep = keep[batched_nms(boxes[keep], scores[keep], groups[keep], self.nms_thresh)]
         rank = rank_within_groups(image_index[keep])
         top = rank < self.post_nms_top_n[mode]

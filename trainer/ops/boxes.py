@@ -92,11 +92,6 @@ def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     )
 
 
-def non_empty(boxes: Tensor, min_size: float) -> Tensor:
-    """[N, 4] xyxy -> [N] bool: width and height both at least ``min_size``."""
-    return ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
-
-
 def rank_within_groups(groups: Tensor) -> Tensor:
     """Position of each element among earlier elements of the same group: [N] -> [N].
 

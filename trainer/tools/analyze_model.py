@@ -13,10 +13,11 @@ how many proposals and detections the weights produce; the weights are random he
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
+
+from trainer.cli import run_main
 
 
 @dataclass
@@ -149,13 +150,7 @@ def main(argv: list[str] | None = None) -> list[ModuleStats]:
 
 
 def cli() -> None:
-    from trainer.config import RecipeError
-
-    try:
-        main()
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ flips, drawn with ``--seed``), then their masks, boxes and class names are drawn
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from trainer.cli import run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,13 +78,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 def cli() -> None:
-    from trainer.config import RecipeError
-
-    try:
-        main()
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from trainer.cli import run_main
 
 AP_CURVES = ("bbox/AP", "segm/AP", "bbox/AP50", "segm/AP50")
 
@@ -112,11 +113,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli() -> None:
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, (ValueError,))
 
 
 if __name__ == "__main__":
