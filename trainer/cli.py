@@ -16,10 +16,19 @@ def fail(exc: Exception, code: int) -> None:
 
 
 def run_main(main: Callable[[], object], errors: tuple[type[Exception], ...] = ()) -> None:
-    """Call ``main``; RecipeError, FileNotFoundError and ``errors`` exit with status 2."""
-    from trainer.config import RecipeError
-
+    """Call ``main``. Errors the user can fix (a recipe value, a missing file, a checkpoint
+    that does not fit, or one of ``errors``) exit with status 2; a training run stopped by
+    non-finite losses exits with status 1."""
     try:
         main()
-    except (RecipeError, FileNotFoundError, *errors) as exc:
-        fail(exc, 2)
+    except Exception as exc:
+        # Imported only now: `--help` stays quick, and main() has imported them already.
+        from trainer.config import RecipeError
+        from trainer.engine.checkpoint import CheckpointError
+        from trainer.engine.runner import NonFiniteLossError
+
+        if isinstance(exc, (RecipeError, CheckpointError, FileNotFoundError, *errors)):
+            fail(exc, 2)
+        if isinstance(exc, NonFiniteLossError):
+            fail(exc, 1)
+        raise

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from trainer.engine.checkpoint import load_weights
     from trainer.engine.logging import setup_logger
     from trainer.evaluation.coco import CocoEvaluator, per_class_table, summary_table
-    from trainer.evaluation.inference import evaluate_on_loader
+    from trainer.evaluation.inference import inference_batches
     from trainer.models import build_detector
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -73,16 +73,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     loader = build_dataloader(dataset, cfg.data.imgs_per_gpu, cfg.data.workers_per_gpu, False)
     model, loader = accelerator.prepare(model, loader)
-    evaluator = CocoEvaluator(
-        dataset.coco,
-        dataset.label_to_cat,
-        iou_types=dataset.iou_types,
-        accelerator=accelerator,
-        backend=args.backend or cfg.evaluation.backend,
+    evaluator = CocoEvaluator.for_dataset(
+        dataset, accelerator, backend=args.backend or cfg.evaluation.backend
     )
-    metrics = evaluate_on_loader(
-        model, loader, evaluator, accelerator, desc="evaluate", per_class=args.per_class
-    )
+    for _, targets, outputs in inference_batches(model, loader, accelerator, desc="evaluate"):
+        evaluator.process([t["image_id"] for t in targets], outputs)
+    metrics = evaluator.evaluate(per_class=args.per_class)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

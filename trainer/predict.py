@@ -84,21 +84,21 @@ def read_categories(cfg) -> list[dict]:
 
 
 def read_classes(cfg) -> tuple[list[dict], bool]:
-    """(categories sorted by id, whether the annotations have masks) from the recipe's
-    annotation file (val, else train). A boxes-only file means a model whose mask head never
-    trained: its masks are left out."""
+    """(categories ``{"id", "name"}`` sorted by id, whether the annotations have masks) from
+    the recipe's annotation file (val, else train). A boxes-only file means a model whose
+    mask head never trained: its masks are left out."""
     from trainer.config import RecipeError
+    from trainer.data.coco import read_coco_json
 
     for split in ("val", "train"):
         ann_file = Path(cfg.data[split].ann_file)
         if ann_file.is_file():
-            data = json.loads(ann_file.read_text())
-            categories = data.get("categories") or []
-            if not categories:
+            table, segmentations = read_coco_json(ann_file)
+            if not table.categories:
                 raise RecipeError(f"{ann_file} has no categories to name the classes with.")
-            annotations = data.get("annotations") or []
-            has_masks = not annotations or any("segmentation" in a for a in annotations)
-            return sorted(categories, key=lambda category: category["id"]), has_masks
+            has_masks = len(table.ann_ids) == 0 or bool(segmentations.present.any())
+            categories = [{"id": id, "name": name} for id, name in table.categories.items()]
+            return categories, has_masks
     raise RecipeError(
         "class names come from the categories of the recipe's annotation files, but neither "
         f"data.val.ann_file '{cfg.data.val.ann_file}' nor data.train.ann_file "
@@ -108,8 +108,8 @@ def read_classes(cfg) -> tuple[list[dict], bool]:
 
 
 class ImageFiles:
-    """Dataset of image files. Item: (original uint8 [3, H, W], resized uint8 [3, h, w]),
-    resized by ``transform`` (the recipe's val transform)."""
+    """Dataset of image files. Item: (uint8 [3, h, w] resized by ``transform``, the recipe's
+    val transform; {"orig_size": (H, W), "original": uint8 [3, H, W], "file": Path})."""
 
     def __init__(self, files: list[Path], transform):
         self.files = files
@@ -137,27 +137,23 @@ class ImageFiles:
             "masks": tv_tensors.Mask(torch.zeros(0, height, width, dtype=torch.uint8)),
         }
         resized, _ = self.transform(tv_tensors.Image(image), empty)
-        return image, resized.as_subclass(torch.Tensor)
-
-
-def _collate(batch: list[tuple]) -> tuple[list, list]:
-    originals, resized = zip(*batch)
-    return list(originals), list(resized)
+        target = {"orig_size": (height, width), "original": image, "file": self.files[index]}
+        return resized.as_subclass(torch.Tensor), target
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the command; returns the predictions written to predictions.json."""
     args = parse_args(argv)
-    import torch
     from accelerate.utils import gather_object
     from torch.utils.data import DataLoader
     from torchvision.io import write_png
-    from tqdm.auto import tqdm
 
     from trainer.config import load_recipe
+    from trainer.data.loader import collate
     from trainer.data.transforms import build_transforms
     from trainer.engine.accelerator import build_inference_accelerator
     from trainer.engine.checkpoint import load_weights
+    from trainer.evaluation.inference import inference_batches
     from trainer.evaluation.results import category_lookup, to_coco_results
     from trainer.models import build_detector
     from trainer.visualize import draw_instances
@@ -173,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = build_detector(cfg.model, num_classes=len(categories))
     load_weights(model, args.checkpoint)
     # Device placement only: inference needs no DistributedDataParallel wrapper.
-    model = accelerator.prepare_model(model, evaluation_mode=True).eval()
+    model = accelerator.prepare_model(model, evaluation_mode=True)
 
     out = Path(args.out)
     transform = build_transforms(list(cfg.data.val.min_size), cfg.data.val.max_size, 0.0)
@@ -183,22 +179,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ImageFiles(own_files, transform),
             batch_size=args.batch_size or cfg.data.imgs_per_gpu,
             num_workers=cfg.data.workers_per_gpu,
-            collate_fn=_collate,
+            collate_fn=collate,
         )
-        bar = tqdm(
-            total=len(own_files),
-            desc="predict",
-            unit="img",
-            disable=not accelerator.is_main_process,
-            dynamic_ncols=True,
-        )
-        names = iter(own_files)
-        for originals, images in loader:
-            sizes = [tuple(image.shape[-2:]) for image in originals]
-            with torch.no_grad(), accelerator.autocast():
-                outputs = model(images, output_sizes=sizes)
-            for original, output in zip(originals, outputs, strict=True):
-                file_name = next(names).relative_to(root).as_posix()
+        batches = inference_batches(model, loader, accelerator, desc="predict")
+        for _, targets, outputs in batches:
+            for target, output in zip(targets, outputs, strict=True):
+                file_name = target["file"].relative_to(root).as_posix()
                 keep = output["scores"] >= args.score_threshold
                 # Only what is kept leaves the device.
                 kept = {key: value[keep].cpu() for key, value in output.items()}
@@ -206,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     name = cat_names[result["category_id"]]
                     results.append({"file_name": file_name, **result, "category_name": name})
                 overlay = draw_instances(
-                    original,
+                    target["original"],
                     kept["boxes"],
                     kept["labels"],
                     kept["scores"],
@@ -217,8 +203,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 path = (out / "overlays" / file_name).with_suffix(".png")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_png(overlay, str(path))
-            bar.update(len(images))
-        bar.close()
 
     if accelerator.num_processes > 1:
         results = gather_object(results)

@@ -15,7 +15,7 @@ if __package__ in (None, ""):
     # (data, models, ...) would shadow other top-level modules: use the repository root.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from trainer.cli import fail, run_main  # noqa: E402  (after the sys.path fix above)
+from trainer.cli import run_main  # noqa: E402  (after the sys.path fix above)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,14 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     # Imported after argument parsing so `--help` answers at once.
-    from accelerate.utils import set_seed
-
     from trainer.config import load_recipe, save_recipe
     from trainer.data import build_dataset
     from trainer.engine import build_accelerator, train_detector
     from trainer.engine.logging import setup_logger
     from trainer.models import build_detector
     from trainer.models.backbone import describe
+    from trainer.seeding import seed_everything
 
     cfg = load_recipe(args.recipe, args.overrides)
     accelerator = build_accelerator(cfg)
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator.num_processes,
         accelerator.distributed_type.value,
     )
-    set_seed(cfg.seed, device_specific=True)
+    seed_everything(cfg.seed)
 
     # The main process goes first so a dataset generated on first use is written once.
     with accelerator.main_process_first():
@@ -75,16 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def cli() -> None:
-    """Entry point that turns known user errors into one message instead of a traceback."""
-    try:
-        run_main(main)
-    except RuntimeError as exc:
-        # Imported here, not above, so that `--help` stays quick (main imported it already).
-        from trainer.engine import NonFiniteLossError
-
-        if not isinstance(exc, NonFiniteLossError):
-            raise
-        fail(exc, 1)
+    run_main(main)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import save_model
 
-from trainer.config import RecipeError
+from trainer.engine.checkpoint import CheckpointError
 from trainer.engine.checkpoint import (
     export_weights,
     latest_checkpoint,
@@ -131,7 +131,7 @@ def test_loading_a_checkpoint_never_runs_pickled_code(tmp_path):
 
 def test_resuming_from_a_folder_that_is_not_a_checkpoint_is_a_recipe_error(tmp_path):
     accelerator, _, _ = prepared()
-    with pytest.raises(RecipeError, match="not a training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
         load_checkpoint(accelerator, tmp_path)
 
 
@@ -157,5 +157,5 @@ def test_missing_and_mismatched_weights_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no weights at"):
         resolve_weights(tmp_path)
     torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "w.pth")
-    with pytest.raises(RecipeError, match="do not fit the model"):
+    with pytest.raises(CheckpointError, match="do not fit the model"):
         load_weights(torch.nn.Sequential(torch.nn.Linear(3, 2)), tmp_path / "w.pth")

@@ -11,6 +11,7 @@ from torchvision.io import decode_image
 from trainer.config import load_recipe
 from trainer.data import build_dataset
 from trainer.data.shapes import generate_shapes
+from trainer.seeding import SeededSamples
 from trainer.tools import browse_dataset
 
 DEMO = str(Path(__file__).resolve().parents[2] / "recipes/demo.yaml")
@@ -34,8 +35,7 @@ def test_train_split_after_the_training_transforms(overrides, tmp_path):
 
     # The same images and targets, drawn from the same seed.
     cfg = load_recipe(DEMO, overrides)
-    dataset = build_dataset(cfg.data.train, train=True)
-    torch.manual_seed(0)
+    dataset = SeededSamples(build_dataset(cfg.data.train, train=True), seed=0)
     for path in written:
         image, target = dataset[written.index(path)]
         overlay = decode_image(str(path))

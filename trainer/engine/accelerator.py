@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from omegaconf import DictConfig
-
-from trainer.config import RecipeError
 
 
 def build_accelerator(cfg: DictConfig) -> Accelerator:
@@ -20,18 +17,10 @@ def build_accelerator(cfg: DictConfig) -> Accelerator:
     that train together over gloo; without it each process silently trains alone. Shuffled
     loaders get Accelerate's seedable sampler, whose order is a function of seed and epoch.
     """
-    for name in cfg.trackers:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            raise RecipeError(
-                f"unknown tracker '{name}' in trackers; valid: {sorted(LOGGER_TYPE_TO_CLASS)}."
-            )
-    steps = cfg.optimizer.accumulation_steps
-    if steps < 1:
-        raise RecipeError(f"optimizer.accumulation_steps must be >= 1, got {steps}.")
     return Accelerator(
         cpu=not torch.accelerator.is_available(),
         mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=steps,
+        gradient_accumulation_steps=cfg.optimizer.accumulation_steps,
         log_with=list(cfg.trackers) or None,
         project_dir=cfg.work_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),

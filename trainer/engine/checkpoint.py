@@ -26,7 +26,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from trainer.config import RecipeError
 from trainer.engine.logging import get_logger
 
 LATEST = "latest"
@@ -36,6 +35,10 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 RECIPE_FILE = "config.yaml"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used: not one, or not of this model."""
 
 
 def checkpoints_dir(work_dir: str | Path) -> Path:
@@ -138,7 +141,7 @@ def load_checkpoint(
     random states; returns the trainer state. Call on every process."""
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
-        raise RecipeError(
+        raise CheckpointError(
             f"'{folder}' is not a training checkpoint (no {STATE_FILE}); resume takes a folder "
             "under <work_dir>/checkpoints, or resume=auto."
         )
@@ -214,7 +217,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
         state = state.get("model", state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RecipeError(
+        raise CheckpointError(
             f"weights in '{file}' do not fit the model built from the recipe: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."

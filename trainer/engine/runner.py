@@ -9,14 +9,16 @@ iterations.
 from __future__ import annotations
 
 import datetime
-import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -28,8 +30,9 @@ from trainer.engine.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
 )
-from trainer.engine.logging import MetricsLog, Trackers
-from trainer.engine.validate import draw_predictions, validate
+from trainer.engine.logging import MetricsLog, get_logger
+from trainer.engine.trackers import has_trackers, log_images
+from trainer.engine.val_phase import draw_predictions, validate
 from trainer.evaluation.coco import CocoEvaluator, summary_table
 
 
@@ -38,8 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class RunnerOptions:
-    """Plain settings of a run (from the recipe, see trainer/config.py)."""
+class LoopSettings:
+    """The recipe's settings of the loop, as plain values (see trainer/config.py for each)."""
 
     work_dir: str
     workflow: list[tuple[str, int]]
@@ -53,8 +56,42 @@ class RunnerOptions:
     max_nonfinite_steps: int = 5
     grad_clip: float | None = None
     log_images: int = 0
-    class_names: tuple[str, ...] = ()
-    recipe_yaml: str = ""
+    class_names: tuple[str, ...] = ()  # for the drawn val predictions
+    recipe_yaml: str = ""  # written beside exported weights
+
+    @classmethod
+    def from_recipe(cls, cfg: DictConfig, class_names: Sequence[str]) -> LoopSettings:
+        return cls(
+            work_dir=cfg.work_dir,
+            workflow=[(phase, epochs) for phase, epochs in cfg.workflow],
+            total_epochs=cfg.total_epochs,
+            seed=cfg.seed,
+            log_interval=cfg.log_interval,
+            max_iters=cfg.max_iters,
+            val_interval_iters=cfg.val_interval_iters,
+            checkpoint_interval_iters=cfg.checkpoint.interval_iters,
+            keep_last=cfg.checkpoint.keep_last,
+            max_nonfinite_steps=cfg.max_nonfinite_steps,
+            grad_clip=cfg.optimizer.grad_clip,
+            log_images=cfg.log_images,
+            class_names=tuple(class_names),
+            recipe_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        )
+
+
+@dataclass
+class TrainingParts:
+    """What the loop works with, all prepared by ``accelerator``: ``loaders`` maps "train"
+    (and "val" when the workflow validates) to loaders; ``evaluator`` scores the val phase;
+    ``ema`` is a timm ``ModelEmaV3`` or None."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loaders: dict
+    evaluator: CocoEvaluator | None = None
+    ema: ModelEmaV3 | None = None
 
 
 @dataclass
@@ -91,54 +128,55 @@ class TrainState:
         )
 
 
+class LossSums:
+    """Sums of the losses of finite batches, on the device (no host sync per batch), and the
+    count of updates since ``started``."""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.finite_batches = torch.zeros((), device=device)
+        self.updates = 0
+        self.started = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], finite: torch.Tensor) -> None:
+        for name, value in losses.items():
+            kept = torch.where(finite, value.detach().float(), 0.0)
+            self.sums[name] = self.sums.get(name, 0.0) + kept
+        self.finite_batches += finite.float()
+
+
 def _format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
 class Runner:
-    """Runs ``options.workflow`` ([(phase, epochs), ...]) until ``total_epochs`` training
+    """Runs ``settings.workflow`` ([(phase, epochs), ...]) until ``total_epochs`` training
     epochs are done, from ``state`` (a fresh or a resumed one).
 
-    ``loaders["train"]`` is a prepared loader over a dataset with ``set_epoch`` (see
-    :class:`trainer.engine.seeding.SeededSamples`); ``ema`` is a timm ``ModelEmaV3`` or None.
-    ``max_iters`` ends training early, after the current workflow cycle (so a following val
-    phase still runs).
+    ``parts.loaders["train"]`` is a prepared loader over a dataset with ``set_epoch`` (see
+    :class:`trainer.seeding.SeededSamples`). ``max_iters`` ends training early, after the
+    current workflow cycle (so a following val phase still runs).
     """
 
-    def __init__(
-        self,
-        accelerator: Accelerator,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        loaders: dict,
-        evaluator: CocoEvaluator | None,
-        options: RunnerOptions,
-        metrics_log: MetricsLog,
-        trackers: Trackers,
-        logger: logging.Logger,
-        ema=None,
-        state: TrainState | None = None,
-    ):
-        self.accelerator = accelerator
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loaders = loaders
-        self.evaluator = evaluator
-        self.options = options
-        self.metrics_log = metrics_log
-        self.trackers = trackers
-        self.logger = logger
-        self.ema = ema
-        self.state = state or TrainState()
+    def __init__(self, parts: TrainingParts, settings: LoopSettings, state: TrainState):
+        self.accelerator = parts.accelerator
+        self.model = parts.model
+        self.optimizer = parts.optimizer
+        self.scheduler = parts.scheduler
+        self.loaders = parts.loaders
+        self.evaluator = parts.evaluator
+        self.ema = parts.ema
+        self.settings = settings
+        self.state = state
+        self.logger = get_logger()
+        self.metrics_log = MetricsLog(settings.work_dir, parts.accelerator)
         self.stop = False
         self.last_metrics: dict[str, float] = {}
         self.nonfinite_streak = 0
-        steps = accelerator.gradient_accumulation_steps
-        self.iters_per_epoch = math.ceil(len(loaders["train"]) / steps)
-        total = options.total_epochs * self.iters_per_epoch
-        self.total_iters = min(total, options.max_iters) if options.max_iters else total
+        steps = self.accelerator.gradient_accumulation_steps
+        self.iters_per_epoch = math.ceil(len(self.loaders["train"]) / steps)
+        total = settings.total_epochs * self.iters_per_epoch
+        self.total_iters = min(total, settings.max_iters) if settings.max_iters else total
 
     # ---------------------------------------------------------------- workflow
     def run(self) -> dict[str, float]:
@@ -147,18 +185,18 @@ class Runner:
         After a resume, the phases before the checkpoint are passed over: a val phase that
         followed the saved training epoch runs (again, if the kill came during it).
         """
-        options, state = self.options, self.state
+        settings, state = self.settings, self.state
         start_epoch, mid_epoch = state.epoch, state.epoch_batches > 0
-        if start_epoch >= options.total_epochs and not mid_epoch:
+        if start_epoch >= settings.total_epochs and not mid_epoch:
             self.logger.info("all %d epochs are done already; nothing to train", start_epoch)
             return {}
         trained = 0
         with logging_redirect_tqdm(loggers=[self.logger]):
-            while trained < options.total_epochs and not self.stop:
-                for phase, epochs in options.workflow:
+            while trained < settings.total_epochs and not self.stop:
+                for phase, epochs in settings.workflow:
                     for _ in range(epochs):
                         if phase == "train":
-                            if trained >= options.total_epochs or self.stop:
+                            if trained >= settings.total_epochs or self.stop:
                                 break
                             if trained >= start_epoch:
                                 self.train_epoch()
@@ -171,32 +209,23 @@ class Runner:
     # ---------------------------------------------------------------- training
     def train_epoch(self) -> None:
         """One training epoch, or its rest after a resume inside it."""
-        accelerator, options, state = self.accelerator, self.options, self.state
-        if options.max_iters and state.iter >= options.max_iters:
+        accelerator, settings, state = self.accelerator, self.settings, self.state
+        if settings.max_iters and state.iter >= settings.max_iters:
             self.stop = True
             return
         loader = self.loaders["train"]
-        # The sampler's order and the augmentations are functions of the epoch alone.
-        loader.set_epoch(state.epoch)
-        loader.dataset.set_epoch(state.epoch)
-        batches = loader
-        if state.epoch_batches:
-            batches = accelerator.skip_first_batches(loader, state.epoch_batches)
-            batches.set_epoch(state.epoch)  # the new loader would otherwise restart at epoch 0
         self.model.train()
         bar = tqdm(
             total=len(loader),
             initial=state.epoch_batches,
-            desc=f"train epoch {state.epoch + 1}/{options.total_epochs}",
+            desc=f"train epoch {state.epoch + 1}/{settings.total_epochs}",
             disable=not accelerator.is_main_process,
             dynamic_ncols=True,
         )
         device = accelerator.device
         window_finite = torch.ones((), dtype=torch.bool, device=device)
-        sums: dict[str, torch.Tensor] = {}
-        finite_batches = torch.zeros((), device=device)
-        updates, started = 0, time.perf_counter()
-        for images, targets in batches:
+        logged = LossSums(device)  # since the last train log line
+        for images, targets in self._remaining_batches():
             with accelerator.accumulate(self.model):
                 with accelerator.autocast():
                     losses = self.model(images, targets)
@@ -204,27 +233,23 @@ class Runner:
                 accelerator.backward(loss)
                 finite = torch.isfinite(loss)
                 window_finite &= finite
-                for name, value in losses.items():
-                    kept = torch.where(finite, value.detach().float(), 0.0)
-                    sums[name] = sums.get(name, 0.0) + kept
-                finite_batches += finite.float()
+                logged.add(losses, finite)
                 state.epoch_batches += 1
                 bar.update(1)
                 if not accelerator.sync_gradients:
                     continue
                 self._update(window_finite)
                 window_finite = torch.ones((), dtype=torch.bool, device=device)
-            updates += 1
+            logged.updates += 1
             end_of_epoch = state.epoch_batches >= len(loader)
-            last = end_of_epoch or bool(options.max_iters and state.iter >= options.max_iters)
-            interval = options.checkpoint_interval_iters
+            last = end_of_epoch or bool(settings.max_iters and state.iter >= settings.max_iters)
+            interval = settings.checkpoint_interval_iters
             save = not last and bool(interval) and state.iter % interval == 0
             # Also at a checkpoint, so that a run resumed from it averages the same intervals.
-            if state.iter % options.log_interval == 0 or last or save:
-                self._log_train(sums, finite_batches, updates, time.perf_counter() - started, bar)
-                sums, finite_batches = {}, torch.zeros((), device=device)
-                updates, started = 0, time.perf_counter()
-            if options.val_interval_iters and state.iter % options.val_interval_iters == 0:
+            if state.iter % settings.log_interval == 0 or last or save:
+                self._log_train(logged, bar)
+                logged = LossSums(device)
+            if settings.val_interval_iters and state.iter % settings.val_interval_iters == 0:
                 self.val_phase()
             if last:
                 break
@@ -236,10 +261,22 @@ class Runner:
             state.epoch_batches = 0
             self.logger.info("epoch %d done (iter %d)", state.epoch, state.iter)
             self.checkpoint(f"epoch_{state.epoch}")
-            self.stop = bool(options.max_iters and state.iter >= options.max_iters)
+            self.stop = bool(settings.max_iters and state.iter >= settings.max_iters)
         else:  # stopped by max_iters inside the epoch: resumable from here
             self.stop = True
             self.checkpoint(f"iter_{state.iter}")
+
+    def _remaining_batches(self):
+        """The training loader at this epoch, past the batches a resumed run has done."""
+        loader, state = self.loaders["train"], self.state
+        # The sampler's order and the augmentations are functions of the epoch alone.
+        loader.set_epoch(state.epoch)
+        loader.dataset.set_epoch(state.epoch)
+        if not state.epoch_batches:
+            return loader
+        batches = self.accelerator.skip_first_batches(loader, state.epoch_batches)
+        batches.set_epoch(state.epoch)  # the new loader would otherwise restart at epoch 0
+        return batches
 
     def _update(self, window_finite: torch.Tensor) -> None:
         """Optimizer, lr and EMA step after the last batch of an accumulation window, unless a
@@ -249,8 +286,8 @@ class Runner:
         bad = accelerator.reduce((~window_finite).float(), "sum").item()
         if bad == 0:
             self.nonfinite_streak = 0
-            if self.options.grad_clip:
-                accelerator.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+            if self.settings.grad_clip:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # The lr is a function of the update count, skipped updates included; torch warns when
@@ -264,7 +301,7 @@ class Runner:
                 self.ema.update(accelerator.unwrap_model(self.model), step=state.iter)
             return
         self.nonfinite_streak += 1
-        limit = self.options.max_nonfinite_steps
+        limit = self.settings.max_nonfinite_steps
         self.logger.warning(
             "non-finite loss at iter %d (epoch %d): update skipped (%d in a row; stop at %d)",
             state.iter,
@@ -273,7 +310,7 @@ class Runner:
             limit,
         )
         if self.nonfinite_streak >= limit:
-            latest = latest_checkpoint(self.options.work_dir)
+            latest = latest_checkpoint(self.settings.work_dir)
             where = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint yet"
             raise NonFiniteLossError(
                 f"the loss was not finite for {limit} updates in a row (last at iter {state.iter}, "
@@ -281,24 +318,17 @@ class Runner:
                 "optimizer.grad_clip or check the data, then resume=auto."
             )
 
-    def _log_train(
-        self,
-        sums: dict[str, torch.Tensor],
-        finite_batches: torch.Tensor,
-        updates: int,
-        elapsed: float,
-        bar: tqdm,
-    ) -> None:
+    def _log_train(self, logged: LossSums, bar: tqdm) -> None:
         """Losses averaged over the interval's finite batches and over processes."""
         accelerator, state = self.accelerator, self.state
-        names = list(sums)
-        totals = torch.stack([sums[name] for name in names] + [finite_batches])
+        names = list(logged.sums)
+        totals = torch.stack([logged.sums[name] for name in names] + [logged.finite_batches])
         totals = accelerator.reduce(totals, "sum").tolist()
         count = totals[-1]
         means = {name: (total / count if count else math.nan) for name, total in zip(names, totals)}
         means["loss"] = sum(means.values())
         lr = self.optimizer.param_groups[0]["lr"]
-        time_per_iter = elapsed / max(updates, 1)
+        time_per_iter = (time.perf_counter() - logged.started) / max(logged.updates, 1)
         record = {"phase": "train", "epoch": state.epoch + 1, "iter": state.iter, **means}
         record.update(lr=lr, time_per_iter=time_per_iter)
         if torch.cuda.is_available():
@@ -333,8 +363,8 @@ class Runner:
             self.loaders["val"],
             self.evaluator,
             accelerator,
-            seed=self.options.seed,
-            keep_images=self.options.log_images if self.trackers.trackers else 0,
+            seed=self.settings.seed,
+            keep_images=self.settings.log_images if has_trackers(accelerator) else 0,
             desc=f"val at iter {state.iter}",
         )
         metrics = result.metrics
@@ -367,22 +397,22 @@ class Runner:
     def _log_images(self, pairs: list) -> None:
         try:
             with_masks = "segm" in self.evaluator.iou_types
-            drawn = draw_predictions(pairs, self.options.class_names, with_masks)
+            drawn = draw_predictions(pairs, self.settings.class_names, with_masks)
         except Exception as exc:  # a drawing problem must not cost the run
             self.logger.warning("could not draw val predictions: %s: %s", type(exc).__name__, exc)
             return
-        self.trackers.log_images("val/predictions", drawn, step=self.state.iter)
+        log_images(self.accelerator, "val/predictions", drawn, step=self.state.iter)
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self, name: str) -> None:
         ema_module = self.ema.module if self.ema is not None else None
         folder = save_checkpoint(
             self.accelerator,
-            self.options.work_dir,
+            self.settings.work_dir,
             name,
             self.state.to_dict(),
             ema_model=ema_module,
-            keep_last=self.options.keep_last,
+            keep_last=self.settings.keep_last,
         )
         self.logger.info("saved checkpoint %s", folder)
 
@@ -394,6 +424,6 @@ class Runner:
         else:
             state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
-            folder = checkpoints_dir(self.options.work_dir) / name
-            export_weights(folder, state_dict, self.options.recipe_yaml, info)
+            folder = checkpoints_dir(self.settings.work_dir) / name
+            export_weights(folder, state_dict, self.settings.recipe_yaml, info)
         self.accelerator.wait_for_everyone()

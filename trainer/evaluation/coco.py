@@ -133,6 +133,20 @@ class CocoEvaluator:
         self._backend_gt: Any = None
         self.reset()
 
+    @classmethod
+    def for_dataset(
+        cls, dataset, accelerator: Accelerator | None = None, backend: str = "pycocotools"
+    ) -> CocoEvaluator:
+        """The evaluator of a detection dataset: its ``coco`` ground truth, ``label_to_cat``
+        map and the ``iou_types`` its annotations support."""
+        return cls(
+            dataset.coco,
+            dataset.label_to_cat,
+            iou_types=dataset.iou_types,
+            accelerator=accelerator,
+            backend=backend,
+        )
+
     @staticmethod
     def _class_names(coco_gt: COCO, label_to_cat_id: dict[int, int]) -> dict[int, str]:
         """category id -> name used in per-class metric keys, in label order; a repeated name

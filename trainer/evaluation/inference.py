@@ -1,35 +1,36 @@
-"""Inference over a loader, feeding an evaluator."""
+"""The inference loop: the one pass of a detector over a loader that the val phase,
+``trainer.evaluate`` and ``trainer.predict`` share."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from trainer.evaluation.coco import CocoEvaluator
-
 
 @torch.no_grad()
-def evaluate_on_loader(
-    model: torch.nn.Module,
-    loader,
-    evaluator: CocoEvaluator,
-    accelerator: Accelerator,
-    desc: str = "val",
-    per_class: bool = False,
-) -> dict[str, float]:
-    """Run the model in eval mode over ``loader`` (batches of images and targets with
-    ``image_id`` and ``orig_size``) and return the evaluator's metrics on every process
-    (with per-class AP when ``per_class``).
+def inference_batches(
+    model: torch.nn.Module, loader, accelerator: Accelerator, desc: str = "inference"
+) -> Iterator[tuple[list[torch.Tensor], list[dict], list[dict[str, torch.Tensor]]]]:
+    """Yield ``(images, targets, outputs)`` for every batch of ``loader``.
 
-    Results are produced at each image's original size, as the annotation file has it.
+    ``loader`` gives (list of [3, h, w] images, list of dicts with ``orig_size``, the
+    (height, width) to return results at, plus whatever the caller needs: ``image_id``,
+    ``boxes``, ...). ``outputs`` holds, per image, ``boxes`` [D, 4] xyxy, ``labels`` [D],
+    ``scores`` [D] and ``masks`` bool [D, H, W] at ``orig_size``, on the model's device.
+
+    The model runs in eval mode under the accelerator's autocast, with a progress bar on the
+    main process; between batches the caller's code runs with its own modes (the val phase
+    computes its losses there). The model is left in eval mode.
     """
-    model.eval()
-    evaluator.reset()
-    for images, targets in tqdm(
-        loader, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
-    ):
-        with accelerator.autocast():
-            outputs = model(images, output_sizes=[t["orig_size"] for t in targets])
-        evaluator.process([t["image_id"] for t in targets], outputs)
-    return evaluator.evaluate(per_class=per_class)
+    with tqdm(
+        total=len(loader), desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
+    ) as bar:
+        for images, targets in loader:
+            model.eval()
+            with accelerator.autocast():
+                outputs = model(images, output_sizes=[t["orig_size"] for t in targets])
+            yield images, targets, outputs
+            bar.update(1)

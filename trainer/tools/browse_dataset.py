@@ -26,7 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", choices=("train", "val"), default="train")
     parser.add_argument("--num", type=int, default=20, help="how many images (default: 20)")
     parser.add_argument("--out", help="output folder (default: <work_dir>/browse_<split>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random transforms")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random transforms (the recipe's seed shows its first training epoch)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     args = parser.parse_intermixed_args(argv)
     if args.num < 1:
@@ -45,19 +50,21 @@ def _name(dataset, image_id: int) -> str:
 def main(argv: list[str] | None = None) -> list[Path]:
     """Run the command; returns the written PNG paths."""
     args = parse_args(argv)
-    import torch
     from torchvision.io import write_png
     from tqdm.auto import tqdm
 
     from trainer.config import load_recipe
     from trainer.data import build_dataset
+    from trainer.seeding import SeededSamples
     from trainer.visualize import draw_instances
 
     cfg = load_recipe(args.recipe, args.overrides)
-    dataset = build_dataset(cfg.data[args.split], train=args.split == "train")
+    # Each sample's transforms drawn as training draws them in epoch 1 with this seed.
+    dataset = SeededSamples(
+        build_dataset(cfg.data[args.split], train=args.split == "train"), args.seed
+    )
     out = Path(args.out) if args.out else Path(cfg.work_dir) / f"browse_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)  # the training transforms draw from torch's generator
 
     written = []
     for index in tqdm(range(min(args.num, len(dataset))), desc=f"browse {args.split}"):

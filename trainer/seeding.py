@@ -1,13 +1,46 @@
-"""Random augmentations that depend only on (seed, epoch, sample), not on who loads it when."""
+"""Every random stream of a run, seeded from the recipe's ``seed``.
+
+- :func:`seed_everything`: the global generators at the start of a run (model initialisation,
+  proposal sampling in the training step), different per process.
+- :class:`SeededSamples`: each training sample's augmentations, a function of (seed, epoch,
+  index) only, so a resumed run sees the same pixels as an uninterrupted one.
+- :func:`private_random_stream`: a forked stream for work that must not move the training
+  stream (the val losses sample proposals too).
+- The data order is Accelerate's seedable sampler (``build_accelerator``), a function of
+  (seed, epoch).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from torch.utils.data import Dataset
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and accelerators) with ``seed`` plus the process
+    index, so that processes sample differently but every run repeats itself."""
+    set_seed(seed, device_specific=True)
+
+
+@contextlib.contextmanager
+def private_random_stream(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block on torch's generators (CPU and ``device``'s) seeded with ``seed``, then
+    restore them: the block draws the same numbers every time and the caller's stream is left
+    exactly where it was."""
+    if device.type == "cpu":
+        forked = torch.random.fork_rng(devices=[])
+    else:
+        forked = torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
+    with forked:
+        torch.manual_seed(seed)
+        yield
 
 
 class SeededSamples(Dataset):

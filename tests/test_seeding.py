@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.engine.seeding import SeededSamples
+from trainer.seeding import SeededSamples
 
 
 class RandomItems(Dataset):

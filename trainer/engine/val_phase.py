@@ -1,4 +1,4 @@
-"""The val phase: validation losses and COCO metrics in one pass over the val loader."""
+"""The val phase: COCO metrics and validation losses in one pass over the val loader."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
 
 from trainer.evaluation.coco import CocoEvaluator
+from trainer.evaluation.inference import inference_batches
+from trainer.seeding import private_random_stream
 from trainer.visualize import draw_instances
 
 # Layers that behave differently in training mode for reasons other than the detector's own
@@ -44,12 +45,6 @@ def loss_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
-
-
 @dataclass
 class ValResult:
     """``metrics``: COCO metrics (``segm/AP``, ...); ``losses``: mean per image of each loss
@@ -75,8 +70,9 @@ def validate(
     keep_images: int = 0,
     desc: str = "val",
 ) -> ValResult:
-    """Val losses (see :func:`loss_mode`) and predictions for every batch of ``loader``
-    (images, targets with ``boxes``, ``labels``, ``masks``, ``image_id``, ``orig_size``).
+    """Predictions (:func:`inference_batches`) and val losses (see :func:`loss_mode`) for
+    every batch of ``loader`` (images, targets with ``boxes``, ``labels``, ``masks``,
+    ``image_id``, ``orig_size``).
 
     ``model`` may be the prepared one, whose forward can be a collective (FSDP): the prepared
     loader gives every process the same number of batches. The losses sample proposals at
@@ -93,22 +89,8 @@ def validate(
     kept: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
     was_training = model.training
     evaluator.reset()
-    bar = tqdm(loader, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    with _forked_rng(accelerator.device):
-        torch.manual_seed(seed)
-        for images, targets in bar:
-            with loss_mode(model), accelerator.autocast():
-                losses = model(images, targets)
-            names = list(losses)
-            # One row per image, so that gathering drops the padded duplicates exactly.
-            row = torch.stack([value.detach().float() for value in losses.values()])
-            rows = accelerator.gather_for_metrics(row.expand(len(images), -1).contiguous())
-            sums = rows.sum(0) if sums is None else sums + rows.sum(0)
-            count += len(rows)
-
-            model.eval()
-            with accelerator.autocast():
-                outputs = model(images, output_sizes=[t["orig_size"] for t in targets])
+    with private_random_stream(seed, accelerator.device):
+        for images, targets, outputs in inference_batches(model, loader, accelerator, desc):
             ids = [t["image_id"] for t in targets]
             evaluator.process(ids, outputs)
             image_ids.append(
@@ -119,7 +101,15 @@ def validate(
                     if len(kept) < keep_images:
                         original = TF.resize(image, list(target["orig_size"]), antialias=True)
                         kept.append((original.cpu(), {k: v.cpu() for k, v in output.items()}))
-    bar.close()
+
+            with loss_mode(model), accelerator.autocast():
+                losses = model(images, targets)
+            names = list(losses)
+            # One row per image, so that gathering drops the padded duplicates exactly.
+            row = torch.stack([value.detach().float() for value in losses.values()])
+            rows = accelerator.gather_for_metrics(row.expand(len(images), -1).contiguous())
+            sums = rows.sum(0) if sums is None else sums + rows.sum(0)
+            count += len(rows)
     model.train(was_training)
     metrics = evaluator.evaluate()
     means = {} if sums is None else dict(zip(names, (sums / count).tolist(), strict=True))

@@ -9,7 +9,7 @@ from torch import nn
 from trainer.config import load_recipe
 from trainer.data import build_dataloader, build_dataset
 from trainer.data.shapes import generate_shapes
-from trainer.engine.validate import loss_mode, validate
+from trainer.engine.val_phase import loss_mode, validate
 from trainer.evaluation.coco import CocoEvaluator
 from trainer.models import build_detector
 

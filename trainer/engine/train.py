@@ -1,0 +1,224 @@
+"""``train_detector``: a training run as a sequence of named steps.
+
+    loaders     = build_loaders(datasets, ...)          # seeded samples, grouped batches
+    optimizer   = build_optimizer(model, ...)           # lr scaled to the global batch
+    parts       = prepare(accelerator, ...)             # DDP / FSDP, devices, EMA, scheduler
+    state       = restore(...)                          # resume=auto or a checkpoint folder
+    metrics     = Runner(parts, settings, state).run()  # the workflow loop (runner.py)
+
+Each step takes plain values; only ``train_detector`` reads the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import SeedableRandomSampler, get_sampler
+from omegaconf import DictConfig
+from timm.utils import ModelEmaV3
+from torch.utils.data import RandomSampler
+
+from trainer.config import RecipeError, to_dict
+from trainer.data import build_dataloader
+from trainer.engine.accelerator import build_accelerator
+from trainer.engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints
+from trainer.engine.logging import flatten, get_logger
+from trainer.engine.optim import build_lr_scheduler, build_optimizer
+from trainer.engine.runner import LoopSettings, Runner, TrainingParts, TrainState
+from trainer.engine.trackers import start_trackers
+from trainer.evaluation.coco import CocoEvaluator
+from trainer.seeding import SeededSamples
+
+
+def train_detector(
+    model: torch.nn.Module,
+    datasets: dict,
+    cfg: DictConfig,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Train ``model`` on ``datasets["train"]`` following ``cfg.workflow``.
+
+    ``datasets`` maps "train" (and "val" when the workflow has a val phase or
+    ``val_interval_iters`` is set) to datasets. ``accelerator`` defaults to
+    :func:`build_accelerator`. Returns the metrics of the last val phase.
+    """
+    accelerator = accelerator or build_accelerator(cfg)
+    check_sync_bn(model, accelerator)
+    data = cfg.data
+    loaders = build_loaders(
+        datasets, data.imgs_per_gpu, data.workers_per_gpu, cfg.seed, data.group_by_aspect_ratio
+    )
+    if len(loaders["train"]) == 0:
+        raise RecipeError(f"the training set '{data.train.ann_file}' has no usable images.")
+    steps = accelerator.gradient_accumulation_steps
+    global_batch = data.imgs_per_gpu * accelerator.num_processes * steps
+    optimizer = build_optimizer(model, cfg.optimizer, global_batch)
+    log_optimizer(optimizer, accelerator.num_processes, data.imgs_per_gpu, steps, cfg.optimizer)
+    if cfg.compile:
+        compile_backbone(model)
+
+    model, optimizer, loaders = prepare(accelerator, model, optimizer, loaders)
+    ema = None
+    if cfg.ema.enabled:
+        unwrapped = accelerator.unwrap_model(model)
+        ema = ModelEmaV3(unwrapped, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+    state = restore(accelerator, optimizer, ema, cfg.resume, cfg.work_dir)
+    iters_per_epoch = math.ceil(len(loaders["train"]) / steps)
+    # Not passed to prepare(): Accelerate would step it once per process per update, and the
+    # schedule counts this run's updates already.
+    scheduler = build_lr_scheduler(
+        optimizer,
+        cfg.lr_schedule,
+        iters_per_epoch,
+        total_iters=cfg.total_epochs * iters_per_epoch,
+        start_iter=state.iter,
+    )
+    evaluator = None
+    if "val" in datasets:
+        evaluator = CocoEvaluator.for_dataset(datasets["val"], accelerator, cfg.evaluation.backend)
+    parts = TrainingParts(accelerator, model, optimizer, scheduler, loaders, evaluator, ema)
+    settings = LoopSettings.from_recipe(cfg, datasets["train"].CLASSES)
+
+    start_trackers(
+        accelerator, list(cfg.trackers), cfg.project, flatten(to_dict(cfg)), cfg.work_dir
+    )
+    try:
+        return Runner(parts, settings, state).run()
+    finally:
+        accelerator.end_training()  # finishes the trackers
+
+
+def check_sync_bn(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """torch's SyncBatchNorm needs GPUs: stop before training rather than at the first step."""
+    synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    if synced and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        raise RecipeError(
+            f"model.backbone.sync_bn: torch's SyncBatchNorm runs on GPUs only, and these "
+            f"{accelerator.num_processes} processes run on the CPU; set "
+            "model.backbone.sync_bn: false."
+        )
+
+
+def build_loaders(
+    datasets: dict, batch_size: int, workers: int, seed: int, group_by_aspect_ratio: bool = True
+) -> dict:
+    """{"train": shuffled loader (batches of one orientation with ``group_by_aspect_ratio``),
+    "val": loader in file order (when a val set is given)}.
+
+    ``batch_size`` images per process (the recipe's ``data.imgs_per_gpu``). Both datasets are
+    wrapped in :class:`SeededSamples`: the training augmentations are then a function of
+    (seed, epoch, index), and val loading never draws from the random stream of the losses.
+    """
+    loaders = {
+        "train": build_dataloader(
+            SeededSamples(datasets["train"], seed),
+            batch_size,
+            workers,
+            shuffle=True,
+            seed=seed,
+            group_by_aspect_ratio=group_by_aspect_ratio,
+        )
+    }
+    if "val" in datasets:
+        loaders["val"] = build_dataloader(
+            SeededSamples(datasets["val"], seed), batch_size, workers, shuffle=False
+        )
+    return loaders
+
+
+def log_optimizer(
+    optimizer: torch.optim.Optimizer, processes: int, batch_size: int, steps: int, cfg: DictConfig
+) -> None:
+    """The global batch, the lr it gets from the linear scaling rule, and each param group."""
+    logger = get_logger()
+    logger.info(
+        "global batch %d (%d processes x %d images x %d accumulation steps): lr %.4g "
+        "(recipe lr %.4g at %d images)",
+        processes * batch_size * steps,
+        processes,
+        batch_size,
+        steps,
+        optimizer.param_groups[0]["initial_lr"],
+        cfg.lr,
+        cfg.base_batch_size,
+    )
+    for group in optimizer.param_groups:
+        logger.info(
+            "param group %s: %d tensors, lr %.4g, weight decay %g",
+            group["name"],
+            len(group["params"]),
+            group["lr"],
+            group["weight_decay"],
+        )
+
+
+def compile_backbone(model: torch.nn.Module) -> None:
+    """torch.compile the backbone and FPN in place (dynamic shapes): parameter names and
+    checkpoints stay those of the plain model."""
+    for name in ("backbone", "fpn"):
+        if not isinstance(getattr(model, name, None), torch.nn.Module):
+            raise RecipeError(f"compile: true needs a model with a '{name}' module.")
+        getattr(model, name).compile(dynamic=True)
+    get_logger().info("backbone and FPN compiled with torch.compile (dynamic shapes)")
+
+
+def prepare(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer, loaders: dict
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    """Wrap model and optimizer (DDP, FSDP, mixed precision) and shard the loaders."""
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        get_logger().info("DDP: find_unused_parameters=%s", model.find_unused_parameters)
+    loaders = {name: accelerator.prepare(loader) for name, loader in loaders.items()}
+    sampler = get_sampler(loaders["train"])
+    if isinstance(sampler, RandomSampler) and not isinstance(sampler, SeedableRandomSampler):
+        get_logger().warning(
+            "the training order is not seeded per epoch (use trainer.engine.build_accelerator): "
+            "a resumed run will not see the data in the same order"
+        )
+    return model, optimizer, loaders
+
+
+def restore(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEmaV3 | None,
+    resume: str | None,
+    work_dir: str,
+) -> TrainState:
+    """The state to start from: fresh, or loaded from ``resume`` ("auto": the latest
+    checkpoint in ``work_dir``, if any; else a checkpoint folder) into the prepared objects.
+
+    The optimizer keeps this run's hyperparameters (lr, weight decay), not the saved ones, so
+    that resuming with another number of processes rescales the lr.
+    """
+    logger = get_logger()
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(work_dir)
+    accelerator.wait_for_everyone()
+    folder = latest_checkpoint(work_dir) if resume == "auto" else resume
+    if folder is None:
+        if resume == "auto":
+            logger.info("resume=auto: no checkpoint in %s yet, starting fresh", work_dir)
+        return TrainState()
+    hyperparameters = [
+        {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
+    ]
+    saved = load_checkpoint(accelerator, folder, ema.module if ema is not None else None)
+    for group, values in zip(optimizer.param_groups, hyperparameters, strict=True):
+        group.update(values)
+    state = TrainState.from_dict(saved)
+    saved_processes = saved.get("num_processes", accelerator.num_processes)
+    if saved_processes != accelerator.num_processes:
+        # Same images seen, counted in this run's per-process batches.
+        state.epoch_batches = state.epoch_batches * saved_processes // accelerator.num_processes
+    logger.info(
+        "resumed from %s at epoch %d, iter %d (%d batches into the epoch)",
+        folder,
+        state.epoch,
+        state.iter,
+        state.epoch_batches,
+    )
+    return state
