@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import RecipeError, load_recipe
+from trainer.config import TRACKERS, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = """
@@ -101,3 +101,38 @@ def test_cli_missing_coco_says_where_to_put_it(tmp_path):
 def test_unknown_evaluation_backend(tmp_path):
     with pytest.raises(RecipeError, match=r"evaluation.backend must be one of"):
         load_recipe(write(tmp_path, DATA), ["evaluation.backend=detectron2"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=-0.01", "optimizer.lr must be > 0, got -0.01."),
+        ("data.imgs_per_gpu=0", "data.imgs_per_gpu must be >= 1, got 0."),
+        ("data.val.min_size=[]", "data.val.min_size must be a non-empty list of numbers > 0"),
+        ("data.train.flip_prob=1.5", "data.train.flip_prob must be in [0, 1], got 1.5."),
+        ("model.rpn.positive_fraction=0", "model.rpn.positive_fraction must be in (0, 1]"),
+        ("model.roi_heads.norm=bn", "model.roi_heads.norm must be one of ['none', 'gn']"),
+        ("ema.decay=1", "ema.decay must be in (0, 1), got 1.0."),
+        ("max_iters=0", "max_iters must be >= 1, got 0."),
+        ("trackers=[wandbb]", "trackers must be a list of names among"),
+        ("data.on_bad_annotation=ignore", "data.on_bad_annotation must be one of"),
+        ("mixed_precision=fp8", "mixed_precision must be null, no, fp16 or bf16, got 'fp8'."),
+        ("data.train.type=HFDataset", "data.train.path must name the Hugging Face dataset"),
+    ],
+)
+def test_value_out_of_range_names_key_and_value(tmp_path, override, message):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, DATA), [override])
+    assert message in str(error.value)
+    assert str(error.value).startswith(f"{tmp_path / 'recipe.yaml'} with overrides {override}:")
+
+
+def test_null_passes_the_rules_of_optional_keys(tmp_path):
+    cfg = load_recipe(write(tmp_path, DATA), ["max_iters=null", "data.train.lsj_size=null"])
+    assert cfg.max_iters is None and cfg.data.train.lsj_size is None
+
+
+def test_tracker_names_are_accelerates():
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    assert sorted(TRACKERS) == sorted(LOGGER_TYPE_TO_CLASS)

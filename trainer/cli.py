@@ -17,8 +17,8 @@ def fail(exc: Exception, code: int) -> None:
 
 def run_main(main: Callable[[], object], errors: tuple[type[Exception], ...] = ()) -> None:
     """Call ``main``. Errors the user can fix (a recipe value, a missing file, a checkpoint
-    that does not fit, or one of ``errors``) exit with status 2; a training run stopped by
-    non-finite losses exits with status 1."""
+    that does not fit, images too large for the backbone, or one of ``errors``) exit with
+    status 2; a training run stopped by non-finite losses exits with status 1."""
     try:
         main()
     except Exception as exc:
@@ -26,8 +26,10 @@ def run_main(main: Callable[[], object], errors: tuple[type[Exception], ...] = (
         from trainer.config import RecipeError
         from trainer.engine.checkpoint import CheckpointError
         from trainer.engine.runner import NonFiniteLossError
+        from trainer.models.backbone import InputSizeError
 
-        if isinstance(exc, (RecipeError, CheckpointError, FileNotFoundError, *errors)):
+        user_errors = (RecipeError, CheckpointError, InputSizeError, FileNotFoundError)
+        if isinstance(exc, (*user_errors, *errors)):
             fail(exc, 2)
         if isinstance(exc, NonFiniteLossError):
             fail(exc, 1)

@@ -2,13 +2,16 @@
 
 A recipe is a YAML file checked against the dataclasses below with OmegaConf, plus
 ``key=value`` overrides from the command line. Unknown keys and wrong types are
-reported as a :class:`RecipeError` that names the key and suggests the nearest valid one.
+reported as a :class:`RecipeError` that names the key and suggests the nearest valid one;
+values outside their range (the :class:`Rule` declared with a field) as one naming the key
+and the value.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,47 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message says which key and why."""
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a valid (not null) value of a recipe key is: ``ok(value)``; ``text`` completes
+    "KEY must be ..."."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def at_least(low: int) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low}")
+
+
+def one_of(*names: str) -> Rule:
+    return Rule(lambda v: v in names, f"one of {list(names)}")
+
+
+POSITIVE = Rule(lambda v: v > 0, "> 0")
+FRACTION = Rule(lambda v: 0 < v <= 1, "in (0, 1]")
+PROBABILITY = Rule(lambda v: 0 <= v <= 1, "in [0, 1]")
+SIZES = Rule(lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0")
+# accelerate.tracking.LOGGER_TYPE_TO_CLASS's keys, spelled out: importing it takes seconds.
+TRACKERS = (
+    "aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb"
+)  # fmt: skip
+# trainer.evaluation.coco.BACKENDS, spelled out so that reading a recipe imports no evaluator.
+EVALUATION_BACKENDS = ("pycocotools", "faster-coco-eval")
+PHASES = ("train", "val")
+
+
+def checked(default: Any, rule: Rule) -> Any:
+    """A dataclass field whose value load_recipe checks with ``rule``. OmegaConf ignores
+    field metadata, so :func:`_check_rules` reads the rules from the dataclasses."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
 @dataclass
 class BackboneConfig:
+    type: str = "TimmBackbone"  # a class of trainer.models.backbone.BACKBONES
     name: str = "resnet50"  # any timm model name
     pretrained: bool = True  # timm's own download of the weights
     # Local .safetensors/.pth state dict of the timm model, loaded offline instead of the
@@ -29,7 +71,7 @@ class BackboneConfig:
     checkpoint: str | None = None
     # Stem plus this many stages get no gradient (and frozen BatchNorm); null: 1 with
     # weights (pretrained or checkpoint), else 0.
-    frozen_stages: int | None = None
+    frozen_stages: int | None = checked(None, at_least(0))
     # BatchNorm replaced by a frozen affine map; null: frozen with weights. false: BatchNorm
     # trains (needs a few images per process).
     frozen_bn: bool | None = None
@@ -40,49 +82,55 @@ class BackboneConfig:
     out_indices: list[int] | None = None
     # [height, width] to build the model for (timm's img_size). Models that take one input
     # size only (e.g. MaxViT) get batches padded to it: set it to the largest padded image.
-    img_size: list[int] | None = None
+    img_size: list[int] | None = checked(
+        None, Rule(lambda v: len(v) == 2 and min(v) > 0, "[height, width] in pixels")
+    )
 
 
 @dataclass
 class RPNConfig:
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    pre_nms_top_n_train: int = 2000  # per level
-    pre_nms_top_n_test: int = 1000  # per level
-    post_nms_top_n_train: int = 1000  # per image
-    post_nms_top_n_test: int = 1000  # per image
-    nms_thresh: float = 0.7
+    anchor_sizes: list[int] = checked([32, 64, 128, 256, 512], SIZES)  # one per pyramid level
+    aspect_ratios: list[float] = checked([0.5, 1.0, 2.0], SIZES)
+    fg_iou_thresh: float = checked(0.7, PROBABILITY)
+    bg_iou_thresh: float = checked(0.3, PROBABILITY)
+    batch_size_per_image: int = checked(256, at_least(1))
+    positive_fraction: float = checked(0.5, FRACTION)
+    pre_nms_top_n_train: int = checked(2000, at_least(1))  # per level
+    pre_nms_top_n_test: int = checked(1000, at_least(1))  # per level
+    post_nms_top_n_train: int = checked(1000, at_least(1))  # per image
+    post_nms_top_n_test: int = checked(1000, at_least(1))  # per image
+    nms_thresh: float = checked(0.7, PROBABILITY)
 
 
 @dataclass
 class RoIHeadsConfig:
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
-    fg_iou_thresh: float = 0.5
-    box_coder_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
-    box_pool_size: int = 7
-    mask_pool_size: int = 14
-    box_fc_dim: int = 1024
-    mask_conv_dim: int = 256
-    num_mask_convs: int = 4
-    num_box_convs: int = 0  # 3x3 convs before the box head's fully connected layers
-    norm: str = "none"  # "gn": GroupNorm in the box and mask head convs (Detectron2's GN heads)
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    mask_thresh: float = 0.5
+    batch_size_per_image: int = checked(512, at_least(1))
+    positive_fraction: float = checked(0.25, FRACTION)
+    fg_iou_thresh: float = checked(0.5, PROBABILITY)
+    box_coder_weights: list[float] = checked(
+        [10.0, 10.0, 5.0, 5.0], Rule(lambda v: len(v) == 4 and min(v) > 0, "4 numbers > 0")
+    )
+    box_pool_size: int = checked(7, at_least(1))
+    mask_pool_size: int = checked(14, at_least(1))
+    box_fc_dim: int = checked(1024, at_least(1))
+    mask_conv_dim: int = checked(256, at_least(1))
+    num_mask_convs: int = checked(4, at_least(0))
+    num_box_convs: int = checked(0, at_least(0))  # 3x3 convs before the box head's fc layers
+    # "gn": GroupNorm in the box and mask head convs (Detectron2's GN heads)
+    norm: str = checked("none", one_of("none", "gn"))
+    score_thresh: float = checked(0.05, PROBABILITY)
+    nms_thresh: float = checked(0.5, PROBABILITY)
+    detections_per_img: int = checked(100, at_least(1))
+    mask_thresh: float = checked(0.5, PROBABILITY)
 
 
 @dataclass
 class ModelConfig:
-    type: str = "MaskRCNN"
-    num_classes: int | None = None  # null: taken from the training set's categories
+    type: str = "MaskRCNN"  # a class of trainer.models.DETECTORS
+    # null: taken from the training set's categories
+    num_classes: int | None = checked(None, at_least(1))
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    fpn_channels: int = 256
+    fpn_channels: int = checked(256, at_least(1))
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
 
@@ -100,36 +148,44 @@ class DatasetConfig:
     path: str | None = None
     split: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
-    bbox_format: str = "xywh"
+    bbox_format: str = checked("xywh", one_of("xywh", "xyxy"))
     # Shortest-edge sizes; several means multi-scale (one chosen at random per image).
-    min_size: list[int] = field(default_factory=lambda: [800])
-    max_size: int = 1333
-    flip_prob: float = 0.0
+    min_size: list[int] = checked([800], SIZES)
+    max_size: int = checked(1333, POSITIVE)
+    flip_prob: float = checked(0.0, PROBABILITY)
     # Large-scale jitter (training): scale the image to fit lsj_size x lsj_size times a random
     # factor in lsj_scale, then crop or pad to that square; replaces min_size/max_size. null: off.
-    lsj_size: int | None = None
-    lsj_scale: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    lsj_size: int | None = checked(None, POSITIVE)
+    lsj_scale: list[float] = checked(
+        [0.1, 2.0],
+        Rule(
+            lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+            "[low, high] with 0 < low <= high, e.g. [0.1, 2.0]",
+        ),
+    )
     # Photometric jitter (training): brightness, contrast and saturation each scaled by a random
     # factor in [1 - color_jitter, 1 + color_jitter]. 0: off.
-    color_jitter: float = 0.0
+    color_jitter: float = checked(0.0, at_least(0))
     # Leave out images with no usable annotation (training only).
     filter_empty: bool = False
     # Read every image file's header before training (missing, unreadable, size disagreeing
     # with the annotations): about 60 us per image, seconds for COCO's 118k.
     check_images: bool = True
     # Defaults to data.on_bad_annotation.
-    on_bad_annotation: str = "${..on_bad_annotation}"
+    on_bad_annotation: str = checked("${..on_bad_annotation}", one_of("error", "skip"))
 
 
 @dataclass
 class DataConfig:
-    imgs_per_gpu: int = 2
-    workers_per_gpu: int = 2
+    # Images per process in each training step: the per-process batch size (what torch's
+    # DataLoader calls batch_size). The global batch is this x processes x accumulation_steps.
+    imgs_per_gpu: int = checked(2, at_least(1))
+    workers_per_gpu: int = checked(2, at_least(0))  # loader worker processes per process
     # Training batches hold images of one orientation (landscape or portrait): less padding.
     group_by_aspect_ratio: bool = True
     # Bad annotations found before training: "error" stops the run listing them, "skip" leaves
     # them (and unusable images) out and logs how many.
-    on_bad_annotation: str = "error"
+    on_bad_annotation: str = checked("error", one_of("error", "skip"))
     train: DatasetConfig = field(
         default_factory=lambda: DatasetConfig(flip_prob=0.5, filter_empty=True)
     )
@@ -138,44 +194,50 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: str = "SGD"  # SGD or AdamW
+    type: str = "SGD"  # SGD, AdamW or another class of trainer.engine.optim.OPTIMIZERS
     # At `base_batch_size` images per update; scaled linearly to the real global batch
     # (processes x data.imgs_per_gpu x accumulation_steps).
-    lr: float = 0.02
-    base_batch_size: int = 16
-    momentum: float = 0.9  # SGD
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
-    weight_decay: float = 1e-4
+    lr: float = checked(0.02, POSITIVE)
+    base_batch_size: int = checked(16, at_least(1))
+    momentum: float = checked(0.9, PROBABILITY)  # SGD
+    betas: list[float] = checked(  # AdamW
+        [0.9, 0.999],
+        Rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    )
+    weight_decay: float = checked(1e-4, at_least(0))
     # Weight decay also on normalization weights and biases (off: the usual practice).
     decay_norm_and_bias: bool = False
-    backbone_lr_mult: float = 1.0  # the backbone's lr is lr x this
-    grad_clip: float | None = None  # max L2 norm of all gradients; null: no clipping
+    backbone_lr_mult: float = checked(1.0, at_least(0))  # the backbone's lr is lr x this
+    # max L2 norm of all gradients; null: no clipping
+    grad_clip: float | None = checked(None, POSITIVE)
     # Batches whose gradients are summed before each update (a larger effective batch).
-    accumulation_steps: int = 1
+    accumulation_steps: int = checked(1, at_least(1))
 
 
 @dataclass
 class LRScheduleConfig:
     policy: str = "step"  # step (x gamma at each of `steps`) or cosine (to min_lr_ratio x lr)
-    warmup_iters: int = 500  # linear warmup, in updates
-    warmup_ratio: float = 0.001  # lr factor at the first update
-    steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs where lr *= gamma
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the peak
+    warmup_iters: int = checked(500, at_least(0))  # linear warmup, in updates
+    warmup_ratio: float = checked(0.001, PROBABILITY)  # lr factor at the first update
+    # epochs where lr *= gamma
+    steps: list[int] = checked([8, 11], Rule(lambda v: all(s >= 0 for s in v), "epochs >= 0"))
+    gamma: float = checked(0.1, POSITIVE)
+    min_lr_ratio: float = checked(0.0, PROBABILITY)  # cosine: final lr as a fraction of the peak
 
 
 @dataclass
 class CheckpointConfig:
     # An Accelerate state is saved after every training epoch, and every `interval_iters`
     # updates when set (resume points inside long epochs).
-    interval_iters: int | None = None
-    keep_last: int = 3  # periodic checkpoints kept (the best one is exported apart)
+    interval_iters: int | None = checked(None, at_least(1))
+    # periodic checkpoints kept (the best one is exported apart); 0: keep all
+    keep_last: int = checked(3, at_least(0))
 
 
 @dataclass
 class EMAConfig:
     enabled: bool = False  # keep an exponential moving average of the weights, used for val
-    decay: float = 0.9998
+    decay: float = checked(0.9998, Rule(lambda v: 0 < v < 1, "in (0, 1)"))
     warmup: bool = True  # decay ramps up over the first updates (timm ModelEmaV3)
 
 
@@ -183,7 +245,7 @@ class EMAConfig:
 class EvaluationConfig:
     # COCOeval implementation for val phases and trainer.evaluate: "pycocotools", or
     # "faster-coco-eval" (the same metrics in about a third of the time; its own package).
-    backend: str = "pycocotools"
+    backend: str = checked("pycocotools", one_of(*EVALUATION_BACKENDS))
 
 
 @dataclass
@@ -199,24 +261,33 @@ class DDPConfig:
 class Recipe:
     work_dir: str | None = None  # null: work_dirs/<recipe file name>
     seed: int = 42
-    total_epochs: int = 12
+    total_epochs: int = checked(12, at_least(1))
     # (phase, epochs) pairs repeated until total_epochs training epochs are done.
     workflow: list[Any] = field(default_factory=lambda: [["train", 1]])
     resume: str | None = None  # "auto" (latest checkpoint in work_dir) or a checkpoint path
-    max_iters: int | None = None  # stop training after this many iterations (smoke runs)
-    log_interval: int = 20  # updates between train log lines (losses averaged over them)
+    # stop training after this many iterations (smoke runs)
+    max_iters: int | None = checked(None, at_least(1))
+    # updates between train log lines (losses averaged over them)
+    log_interval: int = checked(20, at_least(1))
     # Also run the val phase every this many updates, inside epochs; null: workflow only.
-    val_interval_iters: int | None = None
+    val_interval_iters: int | None = checked(None, at_least(1))
     # Consecutive updates with a non-finite loss (each skipped) before the run stops.
-    max_nonfinite_steps: int = 5
-    mixed_precision: str | None = None  # null: from the accelerate config; or no/fp16/bf16
+    max_nonfinite_steps: int = checked(5, at_least(1))
+    # null: from the accelerate config; or no/fp16/bf16
+    mixed_precision: str | None = checked(
+        None, Rule(lambda v: v in ("no", "fp16", "bf16"), "null, no, fp16 or bf16")
+    )
     # torch.compile the backbone and FPN for training (dynamic shapes; the first steps of
     # each new image size are slow while it compiles). See benchmarks/README.md for its effect.
     compile: bool = False
     ddp: DDPConfig = field(default_factory=DDPConfig)
-    trackers: list[str] = field(default_factory=list)  # accelerate trackers: wandb, tensorboard
+    # accelerate trackers: wandb, tensorboard, ...
+    trackers: list[str] = checked(
+        [], Rule(lambda v: set(v) <= set(TRACKERS), f"a list of names among {list(TRACKERS)}")
+    )
     project: str = "trainer"  # tracker project name
-    log_images: int = 4  # val images with predictions drawn, sent to trackers per val phase
+    # val images with predictions drawn, sent to trackers per val phase
+    log_images: int = checked(4, at_least(0))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -257,8 +328,26 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig, source: str) -> Re
     return RecipeError(f"{source}: {exc.msg.splitlines()[0] if exc.msg else exc}")
 
 
+def _check_rules(node: DictConfig, source: str) -> None:
+    """Check every set, non-null value of ``node`` (a schema dataclass) and the sections in
+    it against the :class:`Rule` declared with its field."""
+    for spec in fields(OmegaConf.get_type(node)):
+        if OmegaConf.is_missing(node, spec.name):  # "must be set" is checked before
+            continue
+        value = node[spec.name]
+        if isinstance(value, DictConfig) and is_dataclass(OmegaConf.get_type(value)):
+            _check_rules(value, source)
+            continue
+        rule = spec.metadata.get("rule")
+        if rule is not None and value is not None and not rule.ok(value):
+            shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+            raise RecipeError(
+                f"{source}: {node._get_full_key(spec.name)} must be {rule.text}, got {shown!r}."
+            )
+
+
 def _check_values(cfg: DictConfig, source: str) -> None:
-    """Checks the schema's types cannot express."""
+    """Checks that involve more than one value, or the file system."""
     workflow = OmegaConf.to_container(cfg.workflow)
     for step in workflow:
         if (
@@ -274,25 +363,19 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             )
     if not any(step[0] == "train" for step in workflow):
         raise RecipeError(f"{source}: workflow {workflow} has no train phase.")
-    if cfg.mixed_precision in ("False", "false"):
-        cfg.mixed_precision = "no"  # YAML reads a bare `no` as false, as in `mixed_precision=no`
-    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
-        raise RecipeError(
-            f"{source}: mixed_precision must be null, no, fp16 or bf16, "
-            f"got {cfg.mixed_precision!r}."
-        )
-    if cfg.evaluation.backend not in EVALUATION_BACKENDS:
-        raise RecipeError(
-            f"{source}: evaluation.backend must be one of {list(EVALUATION_BACKENDS)}, "
-            f"got {cfg.evaluation.backend!r}."
-        )
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
         raise RecipeError(f"{source}: resume checkpoint '{cfg.resume}' does not exist.")
     for split in ("train", "val"):
-        if cfg.data[split].type == "HFDataset":  # reads data.<split>.path instead
+        node = cfg.data[split]
+        if node.type == "HFDataset":  # reads data.<split>.path instead
+            if not node.path:
+                raise RecipeError(
+                    f"{source}: data.{split}.path must name the Hugging Face dataset: a Hub "
+                    "name or a folder written by save_to_disk."
+                )
             continue
         for key in ("ann_file", "img_dir"):
-            if OmegaConf.is_missing(cfg.data[split], key):
+            if OmegaConf.is_missing(node, key):
                 raise RecipeError(f"{source}: data.{split}.{key} must be set.")
 
 
@@ -328,7 +411,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
         cfg.work_dir = str(Path("work_dirs") / path.stem)
     if overrides:
         source += " with overrides " + " ".join(overrides)
+    if cfg.mixed_precision in ("False", "false"):
+        cfg.mixed_precision = "no"  # YAML reads a bare `no` as false, as in `mixed_precision=no`
     _check_values(cfg, source)
+    try:
+        _check_rules(cfg, source)
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve
+        raise _explain(exc, schema, source) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -204,16 +204,16 @@ def test_column_mapping_xyxy_boxes_and_splits(shapes, tmp_path):
 def test_missing_column_and_unknown_role(shapes, tmp_path):
     path = save(hf_rows(shapes, "val", None), base_features(None), tmp_path / "hf")
     with pytest.raises(
-        RecipeError,
+        ValueError,
         match=r"has no column 'annotations' \(the objects\); its "
         r"columns: \['image', 'image_id', 'objects'\]",
     ):
         HFDataset(str(path), columns={"objects": "annotations"})
-    with pytest.raises(RecipeError, match=r"has no field 'label' \(the category\)"):
+    with pytest.raises(ValueError, match=r"has no field 'label' \(the category\)"):
         HFDataset(str(path), columns={"category": "label"})
-    with pytest.raises(RecipeError, match=r"unknown column role\(s\) \['boxes'\]"):
+    with pytest.raises(ValueError, match=r"unknown column role\(s\) \['boxes'\]"):
         HFDataset(str(path), columns={"boxes": "bbox"})
-    with pytest.raises(RecipeError, match="cannot load Hugging Face dataset"):
+    with pytest.raises(ValueError, match="cannot load Hugging Face dataset"):
         HFDataset(str(tmp_path / "nowhere"))
 
 
@@ -222,7 +222,7 @@ def test_bad_rows_are_reported_then_skipped(shapes, tmp_path):
     rows[1]["objects"]["bbox"][0][3] = 0.0
     rows[2]["objects"]["segmentation"][0]["size"] = [5, 5]
     path = save(rows, base_features("rle"), tmp_path / "hf")
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(ValueError) as error:
         HFDataset(str(path))
     message = str(error.value)
     first, second = rows[1]["objects"]["id"][0], rows[2]["objects"]["id"][0]
@@ -238,7 +238,7 @@ def test_unreadable_image_without_size_columns(shapes, tmp_path, caplog):
     rows = hf_rows(shapes, "val", None)
     rows[3]["image"] = {"bytes": b"not an image", "path": None}
     path = save(rows, base_features(None), tmp_path / "hf")
-    with pytest.raises(RecipeError, match=r"row 3 \(image \d+\): cannot read the image"):
+    with pytest.raises(ValueError, match=r"row 3 \(image \d+\): cannot read the image"):
         HFDataset(str(path))
     with caplog.at_level(logging.WARNING, logger="trainer"):
         assert len(HFDataset(str(path), on_bad_annotation="skip")) == len(rows) - 1
@@ -246,5 +246,5 @@ def test_unreadable_image_without_size_columns(shapes, tmp_path, caplog):
     assert "and 1 images with problems (non-positive image size 1)" in caplog.text
     # datasets cannot read back an empty saved dataset: one error, not a traceback.
     datasets.load_from_disk(str(path)).select([]).save_to_disk(str(tmp_path / "empty"))
-    with pytest.raises(RecipeError, match="cannot load Hugging Face dataset folder"):
+    with pytest.raises(ValueError, match="cannot load Hugging Face dataset folder"):
         HFDataset(str(tmp_path / "empty"))

@@ -9,8 +9,8 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import save_model
 
-from trainer.engine.checkpoint import CheckpointError
 from trainer.engine.checkpoint import (
+    CheckpointError,
     export_weights,
     latest_checkpoint,
     load_checkpoint,

@@ -5,8 +5,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainer.config import LRScheduleConfig, OptimizerConfig, RecipeError
-from trainer.engine.optim import build_lr_scheduler, build_optimizer, lr_factor
+from trainer.config import LRScheduleConfig, OptimizerConfig, Recipe, RecipeError
+from trainer.engine.optim import (
+    OPTIMIZERS,
+    CosineSchedule,
+    StepSchedule,
+    build_lr_scheduler,
+    build_optimizer,
+    warmup_factor,
+)
 
 
 class TwoPartModel(nn.Module):
@@ -64,34 +71,31 @@ def test_adamw_takes_its_betas_and_unknown_types_are_recipe_errors():
 
 
 def test_warmup_then_steps():
-    kwargs = dict(
-        iters_per_epoch=100, warmup_iters=500, warmup_ratio=0.001, steps=[8, 11], gamma=0.1
-    )
-    assert lr_factor(0, **kwargs) == pytest.approx(0.001)
-    assert lr_factor(250, **kwargs) == pytest.approx(0.001 * 0.5 + 0.5)
-    assert lr_factor(500, **kwargs) == 1.0
-    assert lr_factor(799, **kwargs) == 1.0
-    assert lr_factor(800, **kwargs) == pytest.approx(0.1)
-    assert lr_factor(1100, **kwargs) == pytest.approx(0.01)
+    schedule = StepSchedule([800, 1100], gamma=0.1)
+
+    def lr_factor(iteration):
+        return warmup_factor(iteration, 500, 0.001) * schedule.factor(iteration)
+
+    assert lr_factor(0) == pytest.approx(0.001)
+    assert lr_factor(250) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(500) == 1.0
+    assert lr_factor(799) == 1.0
+    assert lr_factor(800) == pytest.approx(0.1)
+    assert lr_factor(1100) == pytest.approx(0.01)
 
 
 def test_cosine_decays_to_the_minimum_after_warmup():
-    kwargs = dict(
-        iters_per_epoch=100,
-        warmup_iters=10,
-        warmup_ratio=0.1,
-        steps=[],
-        gamma=0.1,
-        policy="cosine",
-        total_iters=1000,
-        min_lr_ratio=0.05,
-    )
+    schedule = CosineSchedule(total_iters=1000, min_lr_ratio=0.05)
+
+    def lr_factor(iteration):
+        return warmup_factor(iteration, 10, 0.1) * schedule.factor(iteration)
+
     cosine = lambda t: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / 1000))  # noqa: E731
-    assert lr_factor(0, **kwargs) == pytest.approx(0.1)
-    assert lr_factor(5, **kwargs) == pytest.approx(cosine(5) * (0.1 * 0.5 + 0.5))
-    assert lr_factor(500, **kwargs) == pytest.approx(0.05 + 0.95 * 0.5)
-    assert lr_factor(1000, **kwargs) == pytest.approx(0.05)
-    assert lr_factor(1200, **kwargs) == pytest.approx(0.05)
+    assert lr_factor(0) == pytest.approx(0.1)
+    assert lr_factor(5) == pytest.approx(cosine(5) * (0.1 * 0.5 + 0.5))
+    assert lr_factor(500) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(1000) == pytest.approx(0.05)
+    assert lr_factor(1200) == pytest.approx(0.05)
 
 
 def test_scheduler_resumes_at_an_iteration():
@@ -115,6 +119,29 @@ def test_scheduler_resumes_at_an_iteration():
 
 def test_unknown_schedule_policy_is_a_recipe_error():
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
-    cfg = OmegaConf.structured(LRScheduleConfig(policy="poly"))
+    cfg = OmegaConf.structured(Recipe).lr_schedule  # its place in a recipe
+    cfg.policy = "poly"
     with pytest.raises(RecipeError, match="lr_schedule.policy"):
         build_lr_scheduler(optimizer, cfg, 10, 100)
+
+
+def test_an_optimizer_of_ones_own_needs_one_registration(monkeypatch):
+    monkeypatch.setattr(OPTIMIZERS, "entries", dict(OPTIMIZERS.entries))
+    monkeypatch.setattr(OPTIMIZERS, "from_configs", dict(OPTIMIZERS.from_configs))
+
+    @OPTIMIZERS.register
+    class PlainSGD(torch.optim.SGD):
+        @classmethod
+        def from_config(cls, cfg, params, lr):
+            return cls(params, lr=lr)
+
+    # A class we do not own comes with its from_config function.
+    OPTIMIZERS.register(
+        torch.optim.RMSprop,
+        from_config=lambda cfg, params, lr: torch.optim.RMSprop(params, lr, momentum=cfg.momentum),
+    )
+    plain = build_optimizer(TwoPartModel(), optimizer_cfg(type="PlainSGD"), 8)
+    assert type(plain) is PlainSGD and plain.defaults["momentum"] == 0
+    assert plain.param_groups[0]["lr"] == pytest.approx(0.01)
+    rmsprop = build_optimizer(TwoPartModel(), optimizer_cfg(type="RMSprop", momentum=0.5), 16)
+    assert type(rmsprop) is torch.optim.RMSprop and rmsprop.defaults["momentum"] == 0.5

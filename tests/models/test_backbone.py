@@ -5,9 +5,8 @@ from safetensors.torch import save_file
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from tests.models.conftest import box_target, lean_model_config
-from trainer.config import RecipeError
 from trainer.models import build_detector
-from trainer.models.backbone import TimmBackbone
+from trainer.models.backbone import InputSizeError, TimmBackbone
 
 # One small member of each family: timm's test_* models and the smallest real ones.
 FAMILIES = {
@@ -100,16 +99,16 @@ def test_fixed_size_backbone_pads_to_its_size_or_names_the_size_to_use():
     assert model.backbone.fixed_size == (64, 96)
     batch, sizes = model.preprocess([torch.rand(3, 50, 70), torch.rand(3, 64, 96)])
     assert batch.shape == (2, 3, 64, 96) and sizes.tolist() == [[50, 70], [64, 96]]
-    with pytest.raises(RecipeError, match=r"64x96 only.*img_size: \[80, 96\]"):
+    with pytest.raises(InputSizeError, match=r"64x96 only.*img_size: \[80, 96\]"):
         model.preprocess([torch.rand(3, 80, 90)])
 
 
-def test_unknown_or_unsuitable_models_are_recipe_errors():
-    with pytest.raises(RecipeError, match="not a timm model"):
+def test_unknown_or_unsuitable_models_are_value_errors():
+    with pytest.raises(ValueError, match="not a timm model"):
         TimmBackbone("resnet_does_not_exist", pretrained=False)
-    with pytest.raises(RecipeError, match="power-of-two strides"):
+    with pytest.raises(ValueError, match="power-of-two strides"):
         TimmBackbone("vit_small_patch14_dinov2", pretrained=False)
-    with pytest.raises(RecipeError, match="img_size"):
+    with pytest.raises(ValueError, match="img_size"):
         TimmBackbone("test_resnet", pretrained=False, img_size=[64, 64])
 
 
@@ -143,23 +142,23 @@ def test_checkpoint_of_a_vit_loads_through_the_feature_wrapper(tmp_path):
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         TimmBackbone("test_resnet", pretrained=False, checkpoint=str(tmp_path / "none.pth"))
     other = timm.create_model("test_convnext", pretrained=False)
     save_file(other.state_dict(), tmp_path / "convnext.safetensors")
-    with pytest.raises(RecipeError, match="does not fit timm model 'test_resnet'.*missing"):
+    with pytest.raises(ValueError, match="does not fit timm model 'test_resnet'.*missing"):
         TimmBackbone(
             "test_resnet", pretrained=False, checkpoint=str(tmp_path / "convnext.safetensors")
         )
     wider = timm.create_model("test_resnet", pretrained=False, stem_width=48)
     save_file(wider.state_dict(), tmp_path / "wider.safetensors")
-    with pytest.raises(RecipeError, match="of other shapes"):
+    with pytest.raises(ValueError, match="of other shapes"):
         TimmBackbone(
             "test_resnet", pretrained=False, checkpoint=str(tmp_path / "wider.safetensors")
         )
     # weights_only refuses arbitrary pickled objects
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pth")
-    with pytest.raises(RecipeError, match="could not be read as weights"):
+    with pytest.raises(ValueError, match="could not be read as weights"):
         TimmBackbone("test_resnet", pretrained=False, checkpoint=str(tmp_path / "module.pth"))
 
 
@@ -191,5 +190,5 @@ def test_batchnorm_options():
     synced = TimmBackbone("test_resnet", pretrained=False, frozen_bn=False, sync_bn=True)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     synced(torch.rand(2, 3, 64, 64))  # one process: plain BatchNorm behaviour
-    with pytest.raises(RecipeError, match="sync_bn"):
+    with pytest.raises(ValueError, match="sync_bn"):
         TimmBackbone("test_resnet", pretrained=False, frozen_bn=True, sync_bn=True)

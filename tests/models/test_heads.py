@@ -1,8 +1,9 @@
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.models.conftest import box_target, small_model_config
-from trainer.config import RecipeError
+from trainer.config import Recipe, RecipeError
 from trainer.models import build_detector
 from trainer.models.heads import BoxHead, MaskHead
 
@@ -43,8 +44,9 @@ def test_group_norm_heads_train():
     assert all(m.weight.grad is not None for m in norms)
 
 
-def test_unknown_head_norm_is_a_recipe_error():
-    cfg = small_model_config()
+def test_unknown_head_norm_is_a_recipe_error_naming_the_node():
+    cfg = OmegaConf.structured(Recipe).model  # its place in a recipe: "model"
+    cfg.merge_with(small_model_config())
     cfg.roi_heads.norm = "bn"
-    with pytest.raises(RecipeError, match="model.roi_heads.norm"):
+    with pytest.raises(RecipeError, match=r"model.roi_heads: norm must be one of \['none', 'gn'"):
         build_detector(cfg, num_classes=2)

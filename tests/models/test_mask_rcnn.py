@@ -1,5 +1,6 @@
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.models.conftest import box_target
 
@@ -191,3 +192,24 @@ def test_every_part_runs_through_its_forward(small_model):
         assert called == set(parts), (
             f"training={training}: not through forward: {set(parts) - called}"
         )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"backbone": {"name": "resnet5"}}, "model.backbone: 'resnet5' is not a timm model"),
+        ({"rpn": {"anchor_sizes": [32, 64]}}, "model.rpn: anchor_sizes has 2 sizes"),
+        ({"num_classes": None}, "model: num_classes is not set"),
+    ],
+)
+def test_a_bad_value_met_while_building_names_its_recipe_node(edit, message):
+    from tests.models.conftest import small_model_config
+    from trainer.config import Recipe, RecipeError
+    from trainer.models import build_detector
+
+    cfg = OmegaConf.structured(Recipe).model  # its place in a recipe: "model"
+    cfg.merge_with(small_model_config())
+    cfg.num_classes = 2
+    cfg.merge_with(edit)
+    with pytest.raises(RecipeError, match="^" + message):
+        build_detector(cfg)

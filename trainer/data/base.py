@@ -15,14 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, get_worker_info
 from torchvision import tv_tensors
 
-from trainer.config import RecipeError
 from trainer.data.annotations import Annotations
+from trainer.data.checks import POLICIES, apply_policy, find_problems
 from trainer.data.segmentation import decode_masks
-from trainer.data.validate import POLICIES, apply_policy, find_problems
+from trainer.data.transforms import transforms_from_config
 
 logger = logging.getLogger("trainer")
 
@@ -60,12 +61,11 @@ class DetectionDataset(Dataset):
         check_images: bool = True,
     ):
         if on_bad_annotation not in POLICIES:
-            raise RecipeError(
-                f"data.on_bad_annotation must be one of {list(POLICIES)}, "
-                f"got {on_bad_annotation!r}."
+            raise ValueError(
+                f"on_bad_annotation must be one of {list(POLICIES)}, got {on_bad_annotation!r}."
             )
         if table.num_images == 0:
-            raise RecipeError(f"{source} has no images: the dataset is empty.")
+            raise ValueError(f"{source} has no images: the dataset is empty.")
         self.source = source
         found = find_problems(
             table,
@@ -74,7 +74,7 @@ class DetectionDataset(Dataset):
         )
         table = apply_policy(table, found, on_bad_annotation, source, logger)
         if table.num_images == 0:
-            raise RecipeError(f"{source}: no image is left after skipping the bad ones.")
+            raise ValueError(f"{source}: no image is left after skipping the bad ones.")
         self.annotations = table
         self.CLASSES = tuple(table.categories.values())
         cat_ids = np.array(list(table.categories), np.int64)
@@ -86,7 +86,7 @@ class DetectionDataset(Dataset):
         if filter_empty:
             keep = np.bincount(table.ann_image[self._usable], minlength=table.num_images) > 0
             if not keep.any():
-                raise RecipeError(
+                raise ValueError(
                     f"{source}: no image has a usable annotation (not crowd, box at least "
                     "1 pixel wide and high)."
                 )
@@ -96,6 +96,22 @@ class DetectionDataset(Dataset):
         # In shared memory (travels to loader workers under fork and spawn alike).
         self._skipped = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
         self._coco: COCO | None = None
+
+    @staticmethod
+    def options_from_config(cfg: DictConfig, train: bool) -> dict[str, Any]:
+        """The arguments every dataset takes, from its node (``data.train`` / ``data.val``):
+        ``transforms``, ``filter_empty`` (training only), ``on_bad_annotation`` and
+        ``check_images``. For the ``from_config`` of subclasses."""
+        return {
+            "transforms": transforms_from_config(cfg, train),
+            "filter_empty": cfg.filter_empty and train,
+            # Unresolvable when this node is used outside a recipe (no data.on_bad_annotation).
+            "on_bad_annotation": OmegaConf.select(
+                cfg, "on_bad_annotation", default="error", throw_on_resolution_failure=False
+            )
+            or "error",
+            "check_images": cfg.check_images,
+        }
 
     # Hooks for subclasses.
 

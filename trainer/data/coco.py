@@ -11,9 +11,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torchvision.io import ImageReadMode, decode_image
 
-from trainer.config import RecipeError
 from trainer.data.annotations import Annotations, boxes_array
 from trainer.data.base import DetectionDataset
 from trainer.data.segmentation import RawSegmentation, Segmentations
@@ -48,17 +48,17 @@ class _CocoFile(msgspec.Struct):
     annotations: list[_Annotation] = []
 
 
-def _decode_error(path: Path, buffer: bytes, exc: msgspec.DecodeError) -> RecipeError:
+def _decode_error(path: Path, buffer: bytes, exc: msgspec.DecodeError) -> ValueError:
     message = str(exc)
     if isinstance(exc, msgspec.ValidationError):
-        return RecipeError(f"annotation file '{path}' is not in COCO format: {message}.")
+        return ValueError(f"annotation file '{path}' is not in COCO format: {message}.")
     where = ""
     if "(byte " in message:
         offset = int(message.rsplit("(byte ", 1)[1].rstrip(")"))
         line = buffer.count(b"\n", 0, offset) + 1
         column = offset - (buffer.rfind(b"\n", 0, offset) + 1) + 1
         where = f" at line {line}, column {column}"
-    return RecipeError(f"annotation file '{path}' is not valid JSON{where}: {message}.")
+    return ValueError(f"annotation file '{path}' is not valid JSON{where}: {message}.")
 
 
 def read_coco_json(path: str | Path) -> tuple[Annotations, Segmentations]:
@@ -74,7 +74,7 @@ def read_coco_json(path: str | Path) -> tuple[Annotations, Segmentations]:
     categories: dict[int, str] = {}
     for cat in doc.categories:
         if cat.id in categories:
-            raise RecipeError(
+            raise ValueError(
                 f"annotation file '{path}': category id {cat.id} is used twice "
                 f"('{categories[cat.id]}', '{cat.name}'); category ids must be unique."
             )
@@ -130,6 +130,21 @@ class CocoDataset(DetectionDataset):
             table, str(self.ann_file), transforms, filter_empty, on_bad_annotation, check_images
         )
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig, train: bool = True) -> CocoDataset:
+        """``data.train`` / ``data.val`` node -> dataset with its transforms (training ones
+        when ``train``)."""
+        split = "train" if train else "val"
+        for key in ("ann_file", "img_dir"):
+            if not Path(cfg[key]).exists():
+                raise ValueError(
+                    f"{key} '{cfg[key]}' does not exist. Put the COCO-format data there or "
+                    f"point the recipe at it, e.g. data.{split}.{key}=PATH "
+                    "(COCO 2017: data/coco/annotations/instances_train2017.json and "
+                    "data/coco/train2017/, from https://cocodataset.org/#download)."
+                )
+        return cls(cfg.ann_file, cfg.img_dir, **cls.options_from_config(cfg, train))
+
     def _read_image(self, image: int) -> torch.Tensor:
         path = self.img_dir / str(self.annotations.file_names[image])
         return decode_image(str(path), mode=ImageReadMode.RGB)
@@ -154,3 +169,9 @@ class ShapesDataset(CocoDataset):
     ):
         ensure_shapes(Path(ann_file).parent.parent)
         super().__init__(ann_file, img_dir, transforms, filter_empty, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, train: bool = True) -> ShapesDataset:
+        """As :meth:`CocoDataset.from_config`, generating the files first when missing."""
+        ensure_shapes(Path(cfg.ann_file).parent.parent)
+        return super().from_config(cfg, train)

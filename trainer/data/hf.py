@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from trainer.config import RecipeError
 from trainer.data.annotations import Annotations, boxes_array
 from trainer.data.base import DetectionDataset
 from trainer.data.segmentation import segmentation_problem
@@ -59,13 +59,13 @@ def load_hf_dataset(path: str, split: str) -> datasets.Dataset:
         try:
             loaded = datasets.load_from_disk(path)
         except Exception as exc:  # a damaged or empty folder fails in many ways
-            raise RecipeError(
+            raise ValueError(
                 f"cannot load Hugging Face dataset folder '{path}': {type(exc).__name__}: "
                 f"{exc}. Write it again with save_to_disk."
             ) from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise RecipeError(
+                raise ValueError(
                     f"Hugging Face dataset '{path}' has no split '{split}'; its splits: "
                     f"{list(loaded)}. Set data.train.split / data.val.split."
                 )
@@ -74,7 +74,7 @@ def load_hf_dataset(path: str, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets raises many kinds (not found, offline, bad split)
-        raise RecipeError(
+        raise ValueError(
             f"cannot load Hugging Face dataset '{path}' split '{split}': {exc}. Use a Hub "
             "dataset name (with network access) or a folder written by save_to_disk."
         ) from None
@@ -98,7 +98,7 @@ class _Objects:
                 values = pc.struct_field(array, name)
                 counts = values.value_lengths().fill_null(0).to_numpy()
                 if self.counts is not None and not np.array_equal(counts, self.counts):
-                    raise RecipeError(
+                    raise ValueError(
                         f"{where}: objects.{name} has a different number of entries than the "
                         "other object fields in some rows."
                     )
@@ -146,12 +146,12 @@ class HFDataset(DetectionDataset):
     ):
         unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
         if unknown:
-            raise RecipeError(
+            raise ValueError(
                 f"unknown column role(s) {sorted(unknown)} in columns; valid: "
                 f"{list(DEFAULT_COLUMNS)}."
             )
         if bbox_format not in BBOX_FORMATS:
-            raise RecipeError(
+            raise ValueError(
                 f"bbox_format must be one of {list(BBOX_FORMATS)}, got {bbox_format!r}."
             )
         self.path, self.split = path, split
@@ -159,22 +159,34 @@ class HFDataset(DetectionDataset):
         source = f"Hugging Face dataset '{path}' [{split}]"
         dataset = load_hf_dataset(path, split)
         if len(dataset) == 0:
-            raise RecipeError(f"{source} has no images: the dataset is empty.")
+            raise ValueError(f"{source} has no images: the dataset is empty.")
         image_col, objects_col = self.columns["image"], self.columns["objects"]
         for role, name in (("image", image_col), ("objects", objects_col)):
             if name not in dataset.column_names:
-                raise RecipeError(
+                raise ValueError(
                     f"{source} has no column '{name}' (the {role}); its columns: "
                     f"{dataset.column_names}. Map yours with columns: {{{role}: NAME}}."
                 )
         if not isinstance(dataset.features[image_col], datasets.Image):
-            raise RecipeError(f"{source}: column '{image_col}' is not an Image feature.")
+            raise ValueError(f"{source}: column '{image_col}' is not an Image feature.")
         # Undecoded: bytes are decoded here with torchvision, and headers read without decoding.
         dataset = dataset.cast_column(image_col, datasets.Image(decode=False))
         self._images = dataset.select_columns([image_col])
         self._objects = dataset.select_columns([objects_col])
         table = self._read_table(dataset, source, bbox_format)
         super().__init__(table, source, transforms, filter_empty, on_bad_annotation, check_images)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, train: bool = True) -> HFDataset:
+        """``data.train`` / ``data.val`` node -> dataset with its transforms; the split
+        defaults to "train" for training, else "validation"."""
+        return cls(
+            cfg.path,
+            cfg.split or ("train" if train else "validation"),
+            columns=dict(cfg.columns),
+            bbox_format=cfg.bbox_format,
+            **cls.options_from_config(cfg, train),
+        )
 
     def _object_feature(self, dataset: datasets.Dataset, role: str) -> Any:
         feature = dataset.features[self.columns["objects"]]
@@ -188,7 +200,7 @@ class HFDataset(DetectionDataset):
         label = self._object_feature(dataset, "category")
         for role in ("bbox", "category"):
             if self._object_feature(dataset, role) is None:
-                raise RecipeError(
+                raise ValueError(
                     f"{source}: column '{self.columns['objects']}' has no field "
                     f"'{self.columns[role]}' (the {role}). Map yours with "
                     f"columns: {{{role}: NAME}}."
@@ -226,7 +238,7 @@ class HFDataset(DetectionDataset):
         rows = np.arange(len(counts))
         image_ids = arrays.get("image_id", rows)
         if len(np.unique(image_ids)) != len(image_ids):
-            raise RecipeError(
+            raise ValueError(
                 f"{source}: column '{self.columns['image_id']}' repeats image ids; make them "
                 "unique, or map image_id to a missing column name to number the rows instead."
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import DictConfig
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
@@ -77,3 +78,16 @@ def build_transforms(
         )
     steps.append(v2.SanitizeBoundingBoxes(min_size=1))
     return v2.Compose(steps)
+
+
+def transforms_from_config(cfg: DictConfig, train: bool) -> v2.Compose:
+    """``data.train`` / ``data.val`` node -> :func:`build_transforms`; flips and jitters only
+    for training (``train``)."""
+    return build_transforms(
+        list(cfg.min_size),
+        cfg.max_size,
+        cfg.flip_prob if train else 0.0,
+        lsj_size=cfg.lsj_size if train else None,
+        lsj_scale=tuple(cfg.lsj_scale),
+        color_jitter=cfg.color_jitter if train else 0.0,
+    )

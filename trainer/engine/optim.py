@@ -8,11 +8,22 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trainer.config import RecipeError
-from trainer.registry import Registry
+from trainer.registry import Registry, build
 
-OPTIMIZERS = Registry("optimizer", {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW})
-POLICIES = ("step", "cosine")
+
+def sgd_from_config(cfg: DictConfig, params: list[dict], lr: float) -> torch.optim.SGD:
+    """``optimizer`` node -> SGD over the param groups ``params`` at ``lr``."""
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+
+
+def adamw_from_config(cfg: DictConfig, params: list[dict], lr: float) -> torch.optim.AdamW:
+    """``optimizer`` node -> AdamW over the param groups ``params`` at ``lr``."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas))
+
+
+OPTIMIZERS = Registry("optimizer")
+OPTIMIZERS.register(torch.optim.SGD, from_config=sgd_from_config)
+OPTIMIZERS.register(torch.optim.AdamW, from_config=adamw_from_config)
 
 
 def scaled_lr(base_lr: float, base_batch_size: int, global_batch_size: int) -> float:
@@ -63,46 +74,61 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig, global_batch_size: int):
-    """``optimizer`` section -> SGD or AdamW over :func:`param_groups`, at the lr scaled to
-    ``global_batch_size`` (processes x images per process x accumulation steps)."""
-    cls = OPTIMIZERS.get(cfg.type)
+    """``optimizer`` section -> the optimizer its ``type`` names over :func:`param_groups`, at
+    the lr scaled to ``global_batch_size`` (processes x images per process x accumulation
+    steps)."""
     lr = scaled_lr(cfg.lr, cfg.base_batch_size, global_batch_size)
     groups = param_groups(
         model, lr, cfg.weight_decay, cfg.backbone_lr_mult, cfg.decay_norm_and_bias
     )
     if not groups:
-        raise RecipeError("the model has no trainable parameters (is every stage frozen?).")
-    if cls is torch.optim.SGD:
-        return cls(groups, lr=lr, momentum=cfg.momentum)
-    return cls(groups, lr=lr, betas=tuple(cfg.betas))
+        raise ValueError("the model has no trainable parameters (is every stage frozen?).")
+    return build(OPTIMIZERS, cfg, params=groups, lr=lr)
 
 
-def lr_factor(
-    iteration: int,
-    iters_per_epoch: int,
-    warmup_iters: int,
-    warmup_ratio: float,
-    steps: list[int],
-    gamma: float,
-    policy: str = "step",
-    total_iters: int | None = None,
-    min_lr_ratio: float = 0.0,
-) -> float:
-    """Multiplier of the peak lr at update ``iteration`` (0-based).
+class StepSchedule:
+    """Multiplies the lr by ``gamma`` once for each update of ``milestones`` reached."""
 
-    Linear warmup from ``warmup_ratio`` to 1 over ``warmup_iters``, times the decay:
-    "step" multiplies by ``gamma`` once for each epoch in ``steps`` already reached; "cosine"
-    anneals from 1 at update 0 to ``min_lr_ratio`` at ``total_iters``.
-    """
-    if policy == "step":
-        factor = gamma ** sum(iteration >= step * iters_per_epoch for step in steps)
-    else:
-        progress = min(iteration / max(total_iters, 1), 1.0)
-        factor = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if iteration < warmup_iters:
-        alpha = iteration / warmup_iters
-        factor *= warmup_ratio * (1 - alpha) + alpha
-    return factor
+    def __init__(self, milestones: list[int], gamma: float):
+        self.milestones, self.gamma = milestones, gamma
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, iters_per_epoch: int, total_iters: int):
+        """``lr_schedule`` node (``steps`` in epochs, ``gamma``) -> schedule."""
+        return cls([step * iters_per_epoch for step in cfg.steps], cfg.gamma)
+
+    def factor(self, iteration: int) -> float:
+        return self.gamma ** sum(iteration >= milestone for milestone in self.milestones)
+
+
+class CosineSchedule:
+    """Anneals the lr factor from 1 at update 0 to ``min_lr_ratio`` at ``total_iters``."""
+
+    def __init__(self, total_iters: int, min_lr_ratio: float = 0.0):
+        self.total_iters, self.min_lr_ratio = total_iters, min_lr_ratio
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, iters_per_epoch: int, total_iters: int):
+        """``lr_schedule`` node (``min_lr_ratio``) -> schedule over ``total_iters``."""
+        return cls(total_iters, cfg.min_lr_ratio)
+
+    def factor(self, iteration: int) -> float:
+        progress = min(iteration / max(self.total_iters, 1), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+
+# lr_schedule.policy -> schedule class.
+SCHEDULES = Registry("lr schedule", {"step": StepSchedule, "cosine": CosineSchedule})
+
+
+def warmup_factor(iteration: int, warmup_iters: int, warmup_ratio: float) -> float:
+    """Linear from ``warmup_ratio`` at update 0 to 1 at ``warmup_iters``, then 1."""
+    if iteration >= warmup_iters:
+        return 1.0
+    alpha = iteration / warmup_iters
+    return warmup_ratio * (1 - alpha) + alpha
 
 
 def build_lr_scheduler(
@@ -112,28 +138,24 @@ def build_lr_scheduler(
     total_iters: int,
     start_iter: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """``lr_schedule`` section -> LambdaLR stepped once per update, positioned at ``start_iter``.
+    """``lr_schedule`` section -> LambdaLR stepped once per update, positioned at ``start_iter``:
+    the peak lr times :func:`warmup_factor` times the factor of the schedule ``policy`` names.
 
     The lr is a pure function of the update count, so resuming needs only that count; each
     group's ``initial_lr`` (set by :func:`param_groups`) is its peak.
     """
-    if cfg.policy not in POLICIES:
-        raise RecipeError(
-            f"lr_schedule.policy must be one of {list(POLICIES)}, got {cfg.policy!r}."
-        )
-    steps = list(cfg.steps)
+    schedule = build(
+        SCHEDULES,
+        cfg,
+        type_key="policy",
+        iters_per_epoch=iters_per_epoch,
+        total_iters=total_iters,
+    )
+    warmup_iters, warmup_ratio = cfg.warmup_iters, cfg.warmup_ratio
 
+    # A function, not a callable object: LambdaLR saves an object's attributes with its
+    # state and would restore them over a recipe changed on resume.
     def factor(iteration: int) -> float:
-        return lr_factor(
-            iteration,
-            iters_per_epoch,
-            cfg.warmup_iters,
-            cfg.warmup_ratio,
-            steps,
-            cfg.gamma,
-            cfg.policy,
-            total_iters,
-            cfg.min_lr_ratio,
-        )
+        return warmup_factor(iteration, warmup_iters, warmup_ratio) * schedule.factor(iteration)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_iter - 1)

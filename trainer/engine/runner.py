@@ -1,7 +1,8 @@
 """The workflow loop: train and val phases, as mmdetection's ``workflow`` describes them.
 
-The training step (forward, backward, clipping, optimizer, lr and EMA updates) is written
-out in :meth:`Runner.train_epoch`; there are no hooks. One *iteration* is one optimizer
+The training step is written out, with no hooks: forward and backward in
+:meth:`Runner.train_epoch`, clipping, optimizer, lr and EMA updates in
+:meth:`Runner._optimizer_step`. One *iteration* is one optimizer
 update (``accumulation_steps`` batches); intervals, ``max_iters`` and the lr schedule count
 iterations.
 """
@@ -238,7 +239,7 @@ class Runner:
                 bar.update(1)
                 if not accelerator.sync_gradients:
                     continue
-                self._update(window_finite)
+                self._optimizer_step(window_finite)
                 window_finite = torch.ones((), dtype=torch.bool, device=device)
             logged.updates += 1
             end_of_epoch = state.epoch_batches >= len(loader)
@@ -278,7 +279,7 @@ class Runner:
         batches.set_epoch(state.epoch)  # the new loader would otherwise restart at epoch 0
         return batches
 
-    def _update(self, window_finite: torch.Tensor) -> None:
+    def _optimizer_step(self, window_finite: torch.Tensor) -> None:
         """Optimizer, lr and EMA step after the last batch of an accumulation window, unless a
         loss in the window (on any process) was not finite."""
         accelerator, state = self.accelerator, self.state

@@ -1,12 +1,14 @@
 """``train_detector``: a training run as a sequence of named steps.
 
-    loaders     = build_loaders(datasets, ...)          # seeded samples, grouped batches
-    optimizer   = build_optimizer(model, ...)           # lr scaled to the global batch
-    parts       = prepare(accelerator, ...)             # DDP / FSDP, devices, EMA, scheduler
-    state       = restore(...)                          # resume=auto or a checkpoint folder
-    metrics     = Runner(parts, settings, state).run()  # the workflow loop (runner.py)
+    loaders   = build_loaders(datasets, ...)                # seeded samples, one orientation
+    optimizer = build_optimizer(model, ...)                 # lr scaled to the global batch
+    model, optimizer, loaders = prepare(accelerator, ...)   # devices, DDP / FSDP, shards
+    state     = restore(accelerator, optimizer, ...)        # resume=auto or a folder
+    scheduler = build_lr_scheduler(..., start_iter=state.iter)
+    Runner(TrainingParts(...), LoopSettings.from_recipe(cfg), state).run()   # runner.py
 
-Each step takes plain values; only ``train_detector`` reads the recipe.
+Each step takes plain values; only ``train_detector`` reads the recipe. The forward, backward
+and optimizer step are in :meth:`Runner.train_epoch` and :meth:`Runner._optimizer_step`.
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import timm
 import torch
+from omegaconf import DictConfig
 from timm.layers import Format, convert_sync_batchnorm, freeze_batch_norm_2d
 from timm.models import get_model_input_config
 from timm.models._features import FeatureGetterNet, FeatureHookNet
 from timm.utils import freeze
 from torch import Tensor, nn
 
-from trainer.config import RecipeError
 from trainer.models.simple_pyramid import SimplePyramid
+from trainer.registry import Registry
 
 WANTED_STRIDES = (4, 8, 16, 32)
 
@@ -23,9 +24,8 @@ def _create(name: str, **kwargs) -> nn.Module:
         return timm.create_model(name, features_only=True, **kwargs)
     except RuntimeError as exc:
         if "features_only" in str(exc):
-            raise RecipeError(
-                f"model.backbone.name '{name}': timm cannot return its feature maps "
-                f"({exc}). Pick another model."
+            raise ValueError(
+                f"timm model '{name}' cannot return its feature maps ({exc}). Pick another model."
             ) from None
         raise
 
@@ -36,9 +36,7 @@ def _probe(name: str, **kwargs) -> nn.Module:
     try:
         with torch.device("meta"):
             return _create(name, **kwargs)
-    except RecipeError:
-        raise
-    except Exception:  # a model whose __init__ needs real tensors
+    except Exception:  # a model whose __init__ needs real tensors; other errors come again
         return _create(name, **kwargs)
 
 
@@ -53,8 +51,8 @@ def _choose_out_indices(name: str, feature_info) -> list[int]:
         if stride in WANTED_STRIDES:
             by_stride[stride] = index
     if not by_stride:
-        raise RecipeError(
-            f"model.backbone.name '{name}' has feature strides {feature_info.reduction()}; "
+        raise ValueError(
+            f"timm model '{name}' has feature strides {feature_info.reduction()}; "
             f"the detector needs maps at power-of-two strides among {WANTED_STRIDES} "
             "(e.g. a patch-16 ViT rather than a patch-14 one)."
         )
@@ -106,9 +104,7 @@ class TimmBackbone(nn.Module):
         super().__init__()
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-            raise RecipeError(
-                f"model.backbone.name '{name}' is not a timm model. Similar names: {close}"
-            )
+            raise ValueError(f"'{name}' is not a timm model. Similar names: {close}")
         self.name = name
         kwargs = {"img_size": tuple(img_size)} if img_size is not None else {}
         try:
@@ -116,8 +112,8 @@ class TimmBackbone(nn.Module):
         except TypeError as exc:
             if "img_size" not in str(exc):
                 raise
-            raise RecipeError(
-                f"model.backbone.img_size: timm model '{name}' takes any input size and has "
+            raise ValueError(
+                f"img_size: timm model '{name}' takes any input size and has "
                 "no img_size argument; leave it null."
             ) from None
         if _is_fixed_size(probe):
@@ -162,15 +158,26 @@ class TimmBackbone(nn.Module):
         if frozen_bn is None:
             frozen_bn = with_weights
         if sync_bn and frozen_bn:
-            raise RecipeError(
-                "model.backbone.sync_bn needs BatchNorm that trains: set "
-                "model.backbone.frozen_bn: false."
-            )
+            raise ValueError("sync_bn needs BatchNorm that trains: set frozen_bn: false.")
         self._freeze_stages(frozen_stages)
         if frozen_bn:
             self.body = freeze_batch_norm_2d(self.body)
         elif sync_bn:
             self.body = convert_sync_batchnorm(self.body)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> TimmBackbone:
+        """``model.backbone`` node -> TimmBackbone."""
+        return cls(
+            name=cfg.name,
+            pretrained=cfg.pretrained,
+            checkpoint=cfg.checkpoint,
+            frozen_stages=cfg.frozen_stages,
+            frozen_bn=cfg.frozen_bn,
+            sync_bn=cfg.sync_bn,
+            out_indices=list(cfg.out_indices) if cfg.out_indices is not None else None,
+            img_size=list(cfg.img_size) if cfg.img_size is not None else None,
+        )
 
     def _wrapper_prefix(self) -> str:
         """Prefix the feature wrapper puts before the model's own parameter names."""
@@ -188,12 +195,12 @@ class TimmBackbone(nn.Module):
         """
         file = Path(path)
         if not file.is_file():
-            raise RecipeError(f"model.backbone.checkpoint '{path}' does not exist.")
+            raise ValueError(f"checkpoint '{path}' does not exist.")
         try:
             state = timm.models.load_state_dict(str(file), weights_only=True)
         except Exception as exc:  # unpickling and safetensors errors vary by format
-            raise RecipeError(
-                f"model.backbone.checkpoint '{path}' could not be read as weights "
+            raise ValueError(
+                f"checkpoint '{path}' could not be read as weights "
                 f"(.safetensors or a .pth state dict): {exc}"
             ) from None
         available = {_key(k): v for k, v in state.items() if isinstance(v, Tensor)}
@@ -216,8 +223,8 @@ class TimmBackbone(nn.Module):
                 problems.append(f"{len(missing)} tensors missing, e.g. {missing[:5]}")
             if wrong_shape:
                 problems.append(f"{len(wrong_shape)} of other shapes, e.g. {wrong_shape[:3]}")
-            raise RecipeError(
-                f"model.backbone.checkpoint '{path}' does not fit timm model '{self.name}': "
+            raise ValueError(
+                f"checkpoint '{path}' does not fit timm model '{self.name}': "
                 f"{'; '.join(problems)}. The file holds keys like {list(state)[:5]}; it must "
                 f"be a state dict of '{self.name}' as timm names it."
             )
@@ -242,8 +249,8 @@ class TimmBackbone(nn.Module):
             inside |= in_target
             frozen.append(name)
         if not inside:
-            raise RecipeError(
-                f"model.backbone.frozen_stages: no parameters of stage '{target}' found in "
+            raise ValueError(
+                f"frozen_stages: no parameters of stage '{target}' found in "
                 f"'{self.name}'; set frozen_stages: 0 and freeze by hand."
             )
         frozen_set = set(frozen)
@@ -289,12 +296,20 @@ class TimmBackbone(nn.Module):
         return features
 
 
+BACKBONES = Registry("backbone", {"TimmBackbone": TimmBackbone})
+
+
+class InputSizeError(ValueError):
+    """Images larger than a backbone that takes one input size. Met during training or
+    inference, not while building, so the message names the recipe keys that fix it."""
+
+
 def fixed_input_size(backbone: TimmBackbone, height: int, width: int) -> tuple[int, int]:
     """The size to pad a batch of at most ``height`` x ``width`` images to for a backbone
-    that takes one input size only; a RecipeError if they do not fit."""
+    that takes one input size only; an :class:`InputSizeError` if they do not fit."""
     fixed_height, fixed_width = backbone.fixed_size
     if height > fixed_height or width > fixed_width:
-        raise RecipeError(
+        raise InputSizeError(
             f"backbone '{backbone.name}' takes inputs of {fixed_height}x{fixed_width} only, and "
             f"this batch has images up to {height}x{width}: set model.backbone.img_size: "
             f"[{max(height, fixed_height)}, {max(width, fixed_width)}] (or larger), or make "

@@ -39,6 +39,10 @@ class RPNHead(nn.Module):
         return logits, deltas
 
 
+# Normalization of the head convs: none, or GroupNorm (Detectron2's GN heads).
+NORMS = ("none", "gn")
+
+
 def conv_block(in_channels: int, out_channels: int, norm: str) -> list[nn.Module]:
     """3x3 conv, optional GroupNorm (32 groups, or fewer for narrow layers), ReLU.
 

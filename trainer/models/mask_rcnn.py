@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from trainer.models.backbone import TimmBackbone, fixed_input_size
+from trainer.models.backbone import BACKBONES, TimmBackbone, fixed_input_size
 from trainer.models.fpn import FPN
 from trainer.models.roi_heads import RoIHeads
 from trainer.models.rpn import RegionProposalNetwork
 from trainer.ops.masks import paste_masks
+from trainer.registry import build, build_part
 
 
 class MaskRCNN(nn.Module):
@@ -40,21 +42,19 @@ class MaskRCNN(nn.Module):
     def __init__(
         self,
         backbone: TimmBackbone,
-        num_classes: int,
-        fpn_channels: int,
-        rpn: dict,
-        roi_heads: dict,
+        fpn: FPN,
+        rpn: RegionProposalNetwork,
+        roi_heads: RoIHeads,
+        mask_thresh: float = 0.5,
         size_divisibility: int = 32,
     ):
         super().__init__()
         self.backbone = backbone
-        self.fpn = FPN(backbone.channels, backbone.strides, fpn_channels)
-        self.rpn = RegionProposalNetwork(fpn_channels, self.fpn.strides, **rpn)
-        roi_heads = dict(roi_heads)
-        self.mask_thresh = roi_heads.pop("mask_thresh")
-        # The RoI heads pool from P2-P5; P6 only feeds the RPN.
-        self.roi_heads = RoIHeads(fpn_channels, backbone.strides, num_classes, **roi_heads)
-        self.num_classes = num_classes
+        self.fpn = fpn
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.mask_thresh = mask_thresh
+        self.num_classes = roi_heads.num_classes
         self.size_divisibility = max(size_divisibility, max(self.fpn.strides))
         # Units FSDP shards apart, by class name (Accelerate's TRANSFORMER_BASED_WRAP reads
         # them when the config names no classes): backbone blocks, the pyramid and each head.
@@ -67,6 +67,31 @@ class MaskRCNN(nn.Module):
         )
         self.register_buffer("pixel_mean", torch.tensor(backbone.mean).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(backbone.std).view(3, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, num_classes: int | None = None) -> MaskRCNN:
+        """``model`` node -> MaskRCNN; ``num_classes`` stands in for a null ``num_classes``."""
+        num_classes = cfg.num_classes if cfg.num_classes is not None else num_classes
+        if num_classes is None:
+            raise ValueError("num_classes is not set and no dataset gave the class count.")
+        backbone = build(BACKBONES, cfg.backbone)
+        fpn = FPN(backbone.channels, backbone.strides, cfg.fpn_channels)
+        return cls(
+            backbone,
+            fpn,
+            build_part(
+                RegionProposalNetwork, cfg.rpn, channels=fpn.out_channels, strides=fpn.strides
+            ),
+            # The RoI heads pool from P2-P5; P6 only feeds the RPN.
+            build_part(
+                RoIHeads,
+                cfg.roi_heads,
+                channels=fpn.out_channels,
+                strides=backbone.strides,
+                num_classes=num_classes,
+            ),
+            mask_thresh=cfg.roi_heads.mask_thresh,
+        )
 
     def forward(
         self,

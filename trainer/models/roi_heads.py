@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, remove_small_boxes
 
-from trainer.models.heads import BoxHead, MaskHead
+from trainer.models.heads import NORMS, BoxHead, MaskHead
 from trainer.models.losses import box_regression_loss, classification_loss, mask_loss
 from trainer.ops.boxes import (
     BoxCoder,
@@ -59,6 +60,8 @@ class RoIHeads(nn.Module):
         detections_per_img: int,
     ):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}.")
         self.num_classes = num_classes
         self.box_pooler = MultiLevelRoIAlign(box_pool_size, strides)
         self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, strides)
@@ -74,6 +77,32 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+
+    @classmethod
+    def from_config(
+        cls, cfg: DictConfig, channels: int, strides: list[int], num_classes: int
+    ) -> RoIHeads:
+        """``model.roi_heads`` node -> heads pooling from maps of ``channels`` at ``strides``
+        (``mask_thresh`` is the detector's: it applies where masks are pasted)."""
+        return cls(
+            channels,
+            strides,
+            num_classes,
+            batch_size_per_image=cfg.batch_size_per_image,
+            positive_fraction=cfg.positive_fraction,
+            fg_iou_thresh=cfg.fg_iou_thresh,
+            box_coder_weights=list(cfg.box_coder_weights),
+            box_pool_size=cfg.box_pool_size,
+            mask_pool_size=cfg.mask_pool_size,
+            box_fc_dim=cfg.box_fc_dim,
+            mask_conv_dim=cfg.mask_conv_dim,
+            num_mask_convs=cfg.num_mask_convs,
+            num_box_convs=cfg.num_box_convs,
+            norm=cfg.norm,
+            score_thresh=cfg.score_thresh,
+            nms_thresh=cfg.nms_thresh,
+            detections_per_img=cfg.detections_per_img,
+        )
 
     def forward(
         self,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, remove_small_boxes
 
-from trainer.config import RecipeError
 from trainer.models.anchors import AnchorGenerator
 from trainer.models.heads import RPNHead
 from trainer.models.losses import box_regression_loss, objectness_loss
@@ -46,8 +46,8 @@ class RegionProposalNetwork(nn.Module):
     ):
         super().__init__()
         if len(anchor_sizes) != len(strides):
-            raise RecipeError(
-                f"model.rpn.anchor_sizes has {len(anchor_sizes)} sizes but the pyramid has "
+            raise ValueError(
+                f"anchor_sizes has {len(anchor_sizes)} sizes but the pyramid has "
                 f"{len(strides)} levels (strides {strides}): give one size per level."
             )
         self.strides = strides
@@ -61,6 +61,25 @@ class RegionProposalNetwork(nn.Module):
         self.pre_nms_top_n = pre_nms_top_n
         self.post_nms_top_n = post_nms_top_n
         self.nms_thresh = nms_thresh
+
+    @classmethod
+    def from_config(
+        cls, cfg: DictConfig, channels: int, strides: list[int]
+    ) -> RegionProposalNetwork:
+        """``model.rpn`` node -> RPN on pyramid maps of ``channels`` at ``strides``."""
+        return cls(
+            channels,
+            strides,
+            anchor_sizes=list(cfg.anchor_sizes),
+            aspect_ratios=list(cfg.aspect_ratios),
+            fg_iou_thresh=cfg.fg_iou_thresh,
+            bg_iou_thresh=cfg.bg_iou_thresh,
+            batch_size_per_image=cfg.batch_size_per_image,
+            positive_fraction=cfg.positive_fraction,
+            pre_nms_top_n={"train": cfg.pre_nms_top_n_train, "test": cfg.pre_nms_top_n_test},
+            post_nms_top_n={"train": cfg.post_nms_top_n_train, "test": cfg.post_nms_top_n_test},
+            nms_thresh=cfg.nms_thresh,
+        )
 
     def forward(
         self, features: list[Tensor], image_sizes: Tensor, gt: dict[str, Tensor] | None

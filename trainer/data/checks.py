@@ -1,8 +1,9 @@
-"""Checks of a dataset before training starts, and what to do about what they find.
+"""Problems found in annotation files and image headers before training, and what to do
+about them.
 
 Annotation checks run on the flat arrays of :class:`~trainer.data.annotations.Annotations`
 (vectorized); image checks read only each file's header with PIL (~30 us per image).
-``on_bad_annotation="error"`` stops with one :class:`RecipeError` listing the problems;
+``on_bad_annotation="error"`` stops with one ValueError listing the problems;
 ``"skip"`` leaves out the bad annotations and images and logs how many.
 """
 
@@ -18,7 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from trainer.config import RecipeError
 from trainer.data.annotations import Annotations
 
 POLICIES = ("error", "skip")
@@ -204,7 +204,7 @@ def apply_policy(
     table: Annotations, found: Findings, policy: str, source: str, logger: logging.Logger
 ) -> Annotations:
     """``table`` when nothing was found; with ``policy`` "skip" the table without the bad
-    images and annotations (logged); with "error" a RecipeError listing the problems."""
+    images and annotations (logged); with "error" a ValueError listing the problems."""
     if not found.problems:
         return table
     problems = found.problems
@@ -213,7 +213,7 @@ def apply_policy(
         more = (
             f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         )
-        raise RecipeError(
+        raise ValueError(
             f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the "
             "annotations or images "
             f"({_counts(problems)}):\n{listed}{more}\n"

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer.config import RecipeError, load_recipe
-from trainer.data import build_dataloader, build_dataset, collate
+from trainer.data import DATASETS, build_dataloader, build_dataset, collate
 from trainer.data.base import MAX_FAILURES_IN_A_ROW
 from trainer.data.coco import CocoDataset
 
@@ -109,7 +109,7 @@ def test_bad_annotation_is_reported_then_skipped(coco_copy, caplog, edit):
     data, write = coco_copy
     ann, kind, detail = edit(data)
     files = write(data)
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(ValueError) as error:
         CocoDataset(*files)
     message = str(error.value)
     assert f"1 problem in the annotations or images ({kind} 1)" in message
@@ -130,7 +130,7 @@ def test_bad_annotation_is_reported_then_skipped(coco_copy, caplog, edit):
 def test_duplicate_image_id(coco_copy):
     data, write = coco_copy
     data["images"][1]["id"] = data["images"][0]["id"]
-    with pytest.raises(RecipeError, match=f"image id {data['images'][0]['id']} is used again"):
+    with pytest.raises(ValueError, match=f"image id {data['images'][0]['id']} is used again"):
         CocoDataset(*write(data))
     dataset = CocoDataset(*write(data), on_bad_annotation="skip")
     assert len(dataset) == len(data["images"]) - 1
@@ -144,7 +144,7 @@ def test_image_file_problems(coco_copy):
     Path(img_dir, garbage["file_name"]).write_bytes(b"not an image")
     resized["width"] += 3
     write(data)
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(ValueError) as error:
         CocoDataset(ann_file, img_dir)
     message = str(error.value)
     assert f"{missing['file_name']} (image {missing['id']}): image file not found" in message
@@ -161,7 +161,7 @@ def test_many_problems_are_listed_up_to_a_limit(coco_copy):
     data, write = coco_copy
     for ann in data["annotations"][:25]:
         ann["bbox"][3] = -1
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(ValueError) as error:
         CocoDataset(*write(data))
     lines = str(error.value).splitlines()
     assert "25 problems" in lines[0]
@@ -173,33 +173,33 @@ def test_annotation_file_that_is_not_json(coco_copy, tmp_path):
     _, write = coco_copy
     ann_file, img_dir = write({})
     Path(ann_file).write_text('{"images": [\n  {"id": 1,\n  oops}]}')
-    with pytest.raises(RecipeError, match=r"is not valid JSON at line 3, column 3"):
+    with pytest.raises(ValueError, match=r"is not valid JSON at line 3, column 3"):
         CocoDataset(ann_file, img_dir)
 
 
 def test_annotation_file_that_is_not_coco(coco_copy):
     data, write = coco_copy
     del data["annotations"][2]["bbox"]
-    with pytest.raises(RecipeError, match=r"not in COCO format: .*`bbox`.*annotations\[2\]"):
+    with pytest.raises(ValueError, match=r"not in COCO format: .*`bbox`.*annotations\[2\]"):
         CocoDataset(*write(data))
 
 
 def test_empty_dataset(coco_copy):
     data, write = coco_copy
-    with pytest.raises(RecipeError, match="has no images: the dataset is empty"):
+    with pytest.raises(ValueError, match="has no images: the dataset is empty"):
         CocoDataset(*write(dict(data, images=[], annotations=[])))
 
 
 def test_no_usable_annotation(coco_copy):
     data, write = coco_copy
-    with pytest.raises(RecipeError, match="no image has a usable annotation"):
+    with pytest.raises(ValueError, match="no image has a usable annotation"):
         CocoDataset(*write(dict(data, annotations=[])), filter_empty=True)
 
 
 def test_duplicate_category_id(coco_copy):
     data, write = coco_copy
     data["categories"][1]["id"] = 1
-    with pytest.raises(RecipeError, match="category id 1 is used twice"):
+    with pytest.raises(ValueError, match="category id 1 is used twice"):
         CocoDataset(*write(data))
 
 
@@ -313,3 +313,42 @@ def test_spawned_workers_count_into_the_same_counter(coco_copy):
     seen = [t["image_id"] for _, targets in loader for t in targets]
     assert len(seen) == len(dataset) and bad["id"] not in seen
     assert dataset.skipped_images == 1
+
+
+def test_data_file_problems_through_build_name_the_recipe_node(coco_copy, tmp_path):
+    _, write = coco_copy
+    ann_file, img_dir = write({})
+    Path(ann_file).write_text("{")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"data:\n  train: {{ann_file: {ann_file}, img_dir: {img_dir}}}\n"
+        f"  val: {{ann_file: {tmp_path}/none.json, img_dir: {img_dir}}}\n"
+    )
+    cfg = load_recipe(recipe)
+    with pytest.raises(RecipeError, match=r"^data.train: annotation file .* is not valid JSON"):
+        build_dataset(cfg.data.train)
+    with pytest.raises(RecipeError, match=r"^data.val: ann_file '.*none.json' does not exist"):
+        build_dataset(cfg.data.val, train=False)
+
+
+def test_a_dataset_class_of_ones_own_needs_one_registration(monkeypatch, tmp_path):
+    monkeypatch.setattr(DATASETS, "entries", dict(DATASETS.entries))
+
+    @DATASETS.register
+    class Listed(torch.utils.data.Dataset):
+        def __init__(self, names: list[str], flip_prob: float):
+            self.names, self.flip_prob = names, flip_prob
+
+        @classmethod
+        def from_config(cls, cfg, train=True):
+            return cls(Path(cfg.ann_file).read_text().split(), cfg.flip_prob if train else 0.0)
+
+    (tmp_path / "list.txt").write_text("a.png b.png")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"data:\n  train: {{type: Listed, ann_file: {tmp_path}/list.txt, img_dir: .}}\n"
+        "  val: {ann_file: a.json, img_dir: imgs}\n"
+    )
+    dataset = build_dataset(load_recipe(recipe).data.train)
+    assert isinstance(dataset, Listed)
+    assert dataset.names == ["a.png", "b.png"] and dataset.flip_prob == 0.5
