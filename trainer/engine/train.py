@@ -28,7 +28,8 @@ from trainer.engine.accelerator import build_accelerator
 from trainer.engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints
 from trainer.engine.logging import flatten, get_logger
 from trainer.engine.optim import build_lr_scheduler, build_optimizer
-from trainer.engine.runner import LoopSettings, Runner, TrainingParts, TrainState
+from trainer.engine.runner import LoopSettings, Runner, TrainingParts
+from trainer.engine.state import TrainState
 from trainer.engine.trackers import start_trackers
 from trainer.evaluation.coco import CocoEvaluator
 from trainer.seeding import SeededSamples
