@@ -105,20 +105,25 @@ def check_sync_bn(model: torch.nn.Module, accelerator: Accelerator) -> None:
 
 
 def build_loaders(
-    datasets: dict, batch_size: int, workers: int, seed: int, group_by_aspect_ratio: bool = True
+    datasets: dict,
+    imgs_per_gpu: int,
+    workers_per_gpu: int,
+    seed: int,
+    group_by_aspect_ratio: bool = True,
 ) -> dict:
     """{"train": shuffled loader (batches of one orientation with ``group_by_aspect_ratio``),
     "val": loader in file order (when a val set is given)}.
 
-    ``batch_size`` images per process (the recipe's ``data.imgs_per_gpu``). Both datasets are
-    wrapped in :class:`SeededSamples`: the training augmentations are then a function of
-    (seed, epoch, index), and val loading never draws from the random stream of the losses.
+    ``imgs_per_gpu`` images per batch of each process (its DataLoader's batch size). Both
+    datasets are wrapped in :class:`SeededSamples`: the training augmentations are then a
+    function of (seed, epoch, index), and val loading never draws from the random stream of
+    the losses.
     """
     loaders = {
         "train": build_dataloader(
             SeededSamples(datasets["train"], seed),
-            batch_size,
-            workers,
+            imgs_per_gpu,
+            workers_per_gpu,
             shuffle=True,
             seed=seed,
             group_by_aspect_ratio=group_by_aspect_ratio,
@@ -126,22 +131,26 @@ def build_loaders(
     }
     if "val" in datasets:
         loaders["val"] = build_dataloader(
-            SeededSamples(datasets["val"], seed), batch_size, workers, shuffle=False
+            SeededSamples(datasets["val"], seed), imgs_per_gpu, workers_per_gpu, shuffle=False
         )
     return loaders
 
 
 def log_optimizer(
-    optimizer: torch.optim.Optimizer, processes: int, batch_size: int, steps: int, cfg: DictConfig
+    optimizer: torch.optim.Optimizer,
+    processes: int,
+    imgs_per_gpu: int,
+    steps: int,
+    cfg: DictConfig,
 ) -> None:
     """The global batch, the lr it gets from the linear scaling rule, and each param group."""
     logger = get_logger()
     logger.info(
         "global batch %d (%d processes x %d images x %d accumulation steps): lr %.4g "
         "(recipe lr %.4g at %d images)",
-        processes * batch_size * steps,
+        processes * imgs_per_gpu * steps,
         processes,
-        batch_size,
+        imgs_per_gpu,
         steps,
         optimizer.param_groups[0]["initial_lr"],
         cfg.lr,
