@@ -1,8 +1,11 @@
+import json
+
 import wandb
+from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 from tests.engine.toy import ToyDataset, toy_model, train_toy
-from trainer.engine.logging import flatten
+from trainer.engine.logging import MetricsLog, flatten
 
 
 class RecordingTracker(GeneralTracker):
@@ -85,3 +88,16 @@ def test_wandb_offline_receives_the_recipe_and_losses(tmp_path, monkeypatch):
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     content = run.read_bytes()
     assert b"optimizer.accumulation_steps" in content and b"train/loss_reg" in content
+
+
+def test_metrics_go_to_a_work_dir_not_made_yet(tmp_path):
+    work_dir = tmp_path / "new" / "run"
+    log = MetricsLog(work_dir, Accelerator(cpu=True))
+    log.write({"phase": "train", "epoch": 1, "iter": 1, "loss": 0.5, "nan": float("nan")})
+    assert json.loads((work_dir / "metrics.jsonl").read_text()) == {
+        "phase": "train",
+        "epoch": 1,
+        "iter": 1,
+        "loss": 0.5,
+        "nan": None,
+    }

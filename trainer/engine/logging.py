@@ -73,6 +73,9 @@ class MetricsLog:
     def __init__(self, work_dir: str | Path, accelerator: Accelerator):
         self.path = Path(work_dir) / "metrics.jsonl"
         self.accelerator = accelerator
+        if accelerator.is_main_process:
+            # train_detector called from Python, without setup_logger, meets a new work_dir.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
         """record: phase, epoch, iter and scalar values (losses, lr, metrics)."""
