@@ -136,3 +136,9 @@ def test_tracker_names_are_accelerates():
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     assert sorted(TRACKERS) == sorted(LOGGER_TYPE_TO_CLASS)
+
+
+@pytest.mark.parametrize(("text", "holds"), [("- a\n- b\n", "a list"), ("", "nothing")])
+def test_a_recipe_that_is_not_a_mapping_is_named(tmp_path, text, holds):
+    with pytest.raises(RecipeError, match=f"a recipe is a mapping of keys.*holds {holds}"):
+        load_recipe(write(tmp_path, text))

@@ -393,6 +393,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
         user = OmegaConf.load(path)
     except Exception as exc:  # yaml errors carry the line and column
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(user, DictConfig) or not user:
+        holds = "nothing" if not user else "a list"
+        raise RecipeError(
+            f"{path}: a recipe is a mapping of keys (e.g. 'model:', 'data:', 'optimizer:'), "
+            f"but the file holds {holds}; see recipes/mask_rcnn.yaml."
+        )
     source = str(path)
     try:
         cfg = OmegaConf.merge(schema, user)
