@@ -218,3 +218,11 @@ def test_boxes_only_annotations_leave_masks_out(trained):
     )
     assert results and all("segmentation" not in r for r in results)
     assert [r["bbox"] for r in results] == [r["bbox"] for r in with_masks]
+
+
+def test_overlays_of_images_that_differ_by_extension_do_not_collide(tmp_path):
+    names = ["a.jpg", "a.png", "a.JPEG", "sub/a.webp"]
+    paths = [predict.overlay_path(tmp_path, name) for name in names]
+    assert len(set(paths)) == len(names)
+    assert paths[1] == tmp_path / "overlays/a.png"  # a PNG keeps its name
+    assert paths[0] == tmp_path / "overlays/a.jpg.png"

@@ -16,8 +16,8 @@ Writes, for detections scoring at least ``--score-threshold``:
   relative to FILE_OR_DIR's folder) in place of ``image_id`` and the class name added:
   ``[{"file_name", "category_id", "category_name", "bbox": [x, y, w, h], "score",
   "segmentation": {"size": [H, W], "counts": str}}, ...]``.
-- ``DIR/overlays/<file_name with a .png extension>``: the image with masks, boxes, class
-  names and scores.
+- ``DIR/overlays/<file_name>.png`` (``<file_name>`` itself for a .png): the image with masks,
+  boxes, class names and scores. The extension is kept, so ``a.jpg`` and ``a.png`` get two.
 
 When the annotation file has no segmentations (a boxes-only model), masks are left out of
 both.
@@ -105,6 +105,13 @@ def read_classes(cfg) -> tuple[list[dict], bool]:
         f"'{cfg.data.train.ann_file}' exists: point one at the file the model was trained "
         "with, e.g. data.val.ann_file=PATH."
     )
+
+
+def overlay_path(out: Path, file_name: str) -> Path:
+    """``out/overlays/<file_name>.png``; a .png keeps its name. The original extension stays
+    in the name, so that ``a.jpg`` and ``a.png`` do not overwrite each other's overlay."""
+    name = file_name if file_name.lower().endswith(".png") else f"{file_name}.png"
+    return out / "overlays" / name
 
 
 class ImageFiles:
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     class_names,
                     args.score_threshold,
                 )
-                path = (out / "overlays" / file_name).with_suffix(".png")
+                path = overlay_path(out, file_name)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_png(overlay, str(path))
 
