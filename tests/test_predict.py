@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torchvision.io import decode_image
 
 from trainer import evaluate, predict
@@ -121,6 +123,28 @@ def test_same_detections_as_evaluate(trained):
     assert [{k: v for k, v in r.items() if k != "category_name"} for r in results] == reference
 
 
+def test_the_checkpoint_brings_its_recipe_and_classes(trained, tmp_path):
+    """No RECIPE and no annotation file: the checkpoint's config.yaml and classes.json are
+    enough, and give the same predictions."""
+    root, overrides = trained
+    with_recipe = _predict(root, overrides, root / "shapes/val", "r", "--score-threshold", ALL)
+    moved = tmp_path / "moved"
+    (root / "shapes/annotations").rename(moved)
+    try:
+        results = predict.main(
+            [
+                *("--checkpoint", str(root / "work/checkpoints/final")),
+                *("--images", str(root / "shapes/val"), "--out", str(tmp_path / "out")),
+                *("--score-threshold", ALL),
+                "data.workers_per_gpu=0",
+            ]
+        )
+    finally:
+        moved.rename(root / "shapes/annotations")
+    assert results == with_recipe
+    assert {r["category_name"] for r in results} <= {"circle", "square", "triangle"}
+
+
 def test_threshold_above_every_score_draws_nothing(trained):
     root, overrides = trained
     image = root / "shapes/val/000002.png"
@@ -134,13 +158,20 @@ def test_errors_name_the_problem(trained, tmp_path, monkeypatch, capsys):
     root, overrides = trained
     with pytest.raises(FileNotFoundError, match="no images"):
         _predict(root, overrides, tmp_path, "x")
+    # Weights without their class list (a bare state dict) and no annotation file to read
+    # the classes from.
+    bare = tmp_path / "bare.pth"
+    torch.save(load_file(root / "work/checkpoints/final/model.safetensors"), bare)
     no_classes = [
         *overrides,
         f"data.val.ann_file={tmp_path}/a.json",
         f"data.train.ann_file={tmp_path}/b.json",
     ]
-    with pytest.raises(RecipeError, match="data.val.ann_file"):
-        _predict(root, no_classes, root / "shapes/val", "x")
+    args = ["--checkpoint", str(bare), "--images", str(root / "shapes/val"), "--out", "x"]
+    with pytest.raises(RecipeError, match="do not name their classes.*data.val.ann_file"):
+        predict.main([DEMO, *args, *no_classes])
+    with pytest.raises(RecipeError, match="carry no recipe"):
+        predict.main([*args, *no_classes])
 
     monkeypatch.setattr(
         sys,
@@ -199,25 +230,33 @@ def test_two_processes_share_the_images(trained):
     )
 
 
-def test_boxes_only_annotations_leave_masks_out(trained):
+def test_boxes_only_models_leave_masks_out(trained, tmp_path):
+    """A model trained on boxes only (classes.json has_masks: false; for weights without
+    it, an annotation file without segmentations) gets no masks in its outputs."""
     root, overrides = trained
+    images = root / "shapes/val"
+    with_masks = _predict(root, overrides, images, "masks", "--score-threshold", ALL)
+    boxes_model = tmp_path / "boxes_model"
+    shutil.copytree(root / "work/checkpoints/final", boxes_model)
+    classes = json.loads((boxes_model / "classes.json").read_text())
+    (boxes_model / "classes.json").write_text(json.dumps({**classes, "has_masks": False}))
+
     val = json.loads((root / "shapes/annotations/val.json").read_text())
     for ann in val["annotations"]:
         del ann["segmentation"]
-    boxes_only = root / "val_boxes_only.json"
+    boxes_only = tmp_path / "val_boxes_only.json"
     boxes_only.write_text(json.dumps(val))
-    images = root / "shapes/val"
-    with_masks = _predict(root, overrides, images, "masks", "--score-threshold", ALL)
-    results = _predict(
-        root,
-        [*overrides, f"data.val.ann_file={boxes_only}"],
-        images,
-        "boxes",
-        "--score-threshold",
-        ALL,
-    )
-    assert results and all("segmentation" not in r for r in results)
-    assert [r["bbox"] for r in results] == [r["bbox"] for r in with_masks]
+    bare = tmp_path / "bare.pth"
+    torch.save(load_file(boxes_model / "model.safetensors"), bare)
+
+    for checkpoint, extra in ((boxes_model, []), (bare, [f"data.val.ann_file={boxes_only}"])):
+        args = ["--checkpoint", str(checkpoint), "--images", str(images)]
+        out = tmp_path / f"out_{checkpoint.stem}"
+        results = predict.main(
+            [DEMO, *args, "--out", str(out), "--score-threshold", ALL, *overrides, *extra]
+        )
+        assert results and all("segmentation" not in r for r in results)
+        assert [r["bbox"] for r in results] == [r["bbox"] for r in with_masks]
 
 
 def test_overlays_of_images_that_differ_by_extension_do_not_collide(tmp_path):

@@ -265,6 +265,11 @@ class Recipe:
     # (phase, epochs) pairs repeated until total_epochs training epochs are done.
     workflow: list[Any] = field(default_factory=lambda: [["train", 1]])
     resume: str | None = None  # "auto" (latest checkpoint in work_dir) or a checkpoint path
+    # Start from trained detector weights (fine-tuning; unlike resume, a new run): a work_dir,
+    # checkpoint folder or weights file of this project, a torchvision / detectron2 /
+    # mmdetection Mask R-CNN checkpoint, an http(s) URL or a Hugging Face Hub repo id.
+    # Class-specific rows are matched by class name. Ignored when resuming.
+    load_from: str | None = None
     # stop training after this many iterations (smoke runs)
     max_iters: int | None = checked(None, at_least(1))
     # updates between train log lines (losses averaged over them)

@@ -1,10 +1,12 @@
 """Evaluate a checkpoint on the recipe's val set with COCO metrics.
 
-    python -m trainer.evaluate RECIPE --checkpoint PATH [--out DIR] [--per-class]
+    python -m trainer.evaluate [RECIPE] --checkpoint PATH [--out DIR] [--per-class]
         [--backend {pycocotools,faster-coco-eval}] [key=value ...]
     accelerate launch -m trainer.evaluate RECIPE --checkpoint PATH      (several processes)
 
-PATH may be a work_dir (its latest checkpoint), a checkpoint folder or a weights file.
+PATH may be a work_dir (its latest checkpoint), a checkpoint folder or a weights file. The
+recipe comes with the checkpoint (its ``config.yaml``) unless RECIPE is given; point the val
+set elsewhere with ``data.val.ann_file=... data.val.img_dir=...``.
 Writes DIR/metrics.json and DIR/predictions.json (COCO results format); DIR defaults to
 ``<work_dir>/eval``. ``--per-class`` also prints AP and AP50 per class and adds them to
 metrics.json as ``{bbox,segm}/{AP,AP50}/<class name>``.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from trainer.cli import run_main
 from trainer.config import EVALUATION_BACKENDS
+from trainer.predict import split_recipe_argument
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m trainer.evaluate",
         description="COCO bbox and segm AP of a checkpoint on the recipe's val set.",
     )
-    parser.add_argument("recipe", help="the recipe the checkpoint was trained with")
+    parser.add_argument(
+        "recipe",
+        nargs="?",
+        help="the recipe the checkpoint was trained with (default: the checkpoint's own)",
+    )
     parser.add_argument(
         "--checkpoint", required=True, help="work_dir, checkpoint folder or weights file"
     )
@@ -40,32 +47,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the recipe's evaluation.backend)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    split_recipe_argument(args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    from trainer.config import load_recipe
     from trainer.data import build_dataloader, build_dataset
     from trainer.engine.accelerator import build_inference_accelerator
-    from trainer.engine.checkpoint import load_weights
     from trainer.engine.logging import setup_logger
     from trainer.evaluation.coco import CocoEvaluator, per_class_table, summary_table
     from trainer.evaluation.inference import inference_batches
-    from trainer.models import build_detector
+    from trainer.weights.classes import ModelClasses
+    from trainer.weights.pretrained import build_pretrained, pretrained_recipe
+    from trainer.weights.read import read_weights
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    weights = read_weights(args.checkpoint)
+    cfg = pretrained_recipe(weights, args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.work_dir) / "eval"
     accelerator = build_inference_accelerator(cfg)
     logger = setup_logger(out, accelerator.is_main_process)
 
     with accelerator.main_process_first():
         dataset = build_dataset(cfg.data.val, train=False)
-    model = build_detector(cfg.model, num_classes=len(dataset.CLASSES))
-    weights = load_weights(model, args.checkpoint)
+    model = build_pretrained(weights, cfg, ModelClasses.of_dataset(dataset))
     logger.info(
         "weights %s, val set %s (%d images), %d processes",
-        weights,
+        weights.path,
         cfg.data.val.ann_file,
         len(dataset),
         accelerator.num_processes,

@@ -1,14 +1,16 @@
 """Detect instances in image files and draw them.
 
-    python -m trainer.predict RECIPE --checkpoint PATH --images FILE_OR_DIR --out DIR
+    python -m trainer.predict [RECIPE] --checkpoint PATH --images FILE_OR_DIR --out DIR
         [--score-threshold 0.5] [--batch-size N] [key=value ...]
     accelerate launch -m trainer.predict ...        (several processes share the images)
 
-PATH may be a work_dir (its latest checkpoint), a checkpoint folder or a weights file. Images
-(.jpg, .jpeg, .png, .webp; a folder is searched recursively) are resized with the recipe's val
-transform and the detections returned at their original size. Class names and category ids
-come from the categories of ``data.val.ann_file`` (else ``data.train.ann_file``), in the
-label order training used.
+PATH may be a work_dir (its latest checkpoint), a checkpoint folder or a weights file. The
+recipe and the class names come with the checkpoint (``config.yaml``, ``classes.json``);
+RECIPE is needed only for weights without them (older checkpoints, or another framework's
+weights: then the classes come from the categories of ``data.val.ann_file``, else
+``data.train.ann_file``). Images (.jpg, .jpeg, .png, .webp; a folder is searched
+recursively) are resized with the recipe's val transform and the detections returned at
+their original size.
 
 Writes, for detections scoring at least ``--score-threshold``:
 
@@ -39,7 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m trainer.predict",
         description="Detect instances in images: predictions.json and one overlay PNG each.",
     )
-    parser.add_argument("recipe", help="the recipe the checkpoint was trained with")
+    parser.add_argument(
+        "recipe",
+        nargs="?",
+        help="the recipe the checkpoint was trained with (default: the checkpoint's own)",
+    )
     parser.add_argument(
         "--checkpoint", required=True, help="work_dir, checkpoint folder or weights file"
     )
@@ -56,9 +62,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     args = parser.parse_intermixed_args(argv)
+    split_recipe_argument(args)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     return args
+
+
+def split_recipe_argument(args: argparse.Namespace) -> None:
+    """Without a RECIPE, argparse takes the first ``key=value`` for it: give it back."""
+    if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).exists():
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
 
 
 def find_images(path: str | Path) -> tuple[Path, list[Path]]:
@@ -77,75 +91,11 @@ def find_images(path: str | Path) -> tuple[Path, list[Path]]:
     return path, files
 
 
-def read_categories(cfg) -> list[dict]:
-    """Categories of the recipe's annotation file (val, else train), sorted by id: the order
-    that gives the model's labels 1..K."""
-    return read_classes(cfg)[0]
-
-
-def read_classes(cfg) -> tuple[list[dict], bool]:
-    """(categories ``{"id", "name"}`` sorted by id, whether the annotations have masks) from
-    the recipe's annotation file (val, else train). A boxes-only file means a model whose
-    mask head never trained: its masks are left out."""
-    from trainer.config import RecipeError
-    from trainer.data.coco import read_coco_json
-
-    for split in ("val", "train"):
-        ann_file = Path(cfg.data[split].ann_file)
-        if ann_file.is_file():
-            table, segmentations = read_coco_json(ann_file)
-            if not table.categories:
-                raise RecipeError(f"{ann_file} has no categories to name the classes with.")
-            has_masks = len(table.ann_ids) == 0 or bool(segmentations.present.any())
-            categories = [{"id": id, "name": name} for id, name in table.categories.items()]
-            return categories, has_masks
-    raise RecipeError(
-        "class names come from the categories of the recipe's annotation files, but neither "
-        f"data.val.ann_file '{cfg.data.val.ann_file}' nor data.train.ann_file "
-        f"'{cfg.data.train.ann_file}' exists: point one at the file the model was trained "
-        "with, e.g. data.val.ann_file=PATH."
-    )
-
-
 def overlay_path(out: Path, file_name: str) -> Path:
     """``out/overlays/<file_name>.png``; a .png keeps its name. The original extension stays
     in the name, so that ``a.jpg`` and ``a.png`` do not overwrite each other's overlay."""
     name = file_name if file_name.lower().endswith(".png") else f"{file_name}.png"
     return out / "overlays" / name
-
-
-class ImageFiles:
-    """Dataset of image files. Item: (uint8 [3, h, w] resized by ``transform``, the recipe's
-    val transform; {"orig_size": (H, W), "original": uint8 [3, H, W], "file": Path})."""
-
-    def __init__(self, files: list[Path], transform):
-        self.files = files
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        import torch
-        from torchvision import tv_tensors
-        from torchvision.io import ImageReadMode, decode_image
-
-        # EXIF orientation applied: results line up with the image as viewers show it.
-        image = decode_image(
-            str(self.files[index]), mode=ImageReadMode.RGB, apply_exif_orientation=True
-        )
-        height, width = image.shape[-2:]
-        # The detection transforms expect a target; an empty one keeps them unchanged.
-        empty = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.zeros(0, 4), format="XYXY", canvas_size=(height, width)
-            ),
-            "labels": torch.zeros(0, dtype=torch.int64),
-            "masks": tv_tensors.Mask(torch.zeros(0, height, width, dtype=torch.uint8)),
-        }
-        resized, _ = self.transform(tv_tensors.Image(image), empty)
-        target = {"orig_size": (height, width), "original": image, "file": self.files[index]}
-        return resized.as_subclass(torch.Tensor), target
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -155,31 +105,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from torch.utils.data import DataLoader
     from torchvision.io import write_png
 
-    from trainer.config import load_recipe
+    from trainer.data.inference_images import ImageFiles, inference_transform
     from trainer.data.loader import collate
-    from trainer.data.transforms import build_transforms
     from trainer.engine.accelerator import build_inference_accelerator
-    from trainer.engine.checkpoint import load_weights
     from trainer.evaluation.inference import inference_batches
     from trainer.evaluation.results import category_lookup, to_coco_results
-    from trainer.models import build_detector
     from trainer.visualize import draw_instances
+    from trainer.weights.pretrained import (
+        build_pretrained,
+        pretrained_classes,
+        pretrained_recipe,
+    )
+    from trainer.weights.read import read_weights
 
-    cfg = load_recipe(args.recipe, args.overrides)
     root, files = find_images(args.images)
-    categories, with_masks = read_classes(cfg)
-    class_names = [category["name"] for category in categories]
-    cat_lookup = category_lookup({i + 1: c["id"] for i, c in enumerate(categories)})
-    cat_names = {category["id"]: category["name"] for category in categories}
+    weights = read_weights(args.checkpoint)
+    cfg = pretrained_recipe(weights, args.recipe, args.overrides)
+    classes = pretrained_classes(weights, cfg)
+    with_masks = classes.has_masks
+    class_names = classes.names
+    cat_lookup = category_lookup(classes.label_to_cat)
+    cat_names = {cat: classes.names[label - 1] for label, cat in classes.label_to_cat.items()}
 
     accelerator = build_inference_accelerator(cfg)
-    model = build_detector(cfg.model, num_classes=len(categories))
-    load_weights(model, args.checkpoint)
+    model = build_pretrained(weights, cfg, classes)
     # Device placement only: inference needs no DistributedDataParallel wrapper.
     model = accelerator.prepare_model(model, evaluation_mode=True)
 
     out = Path(args.out)
-    transform = build_transforms(list(cfg.data.val.min_size), cfg.data.val.max_size, 0.0)
+    transform = inference_transform(cfg.data.val.min_size, cfg.data.val.max_size)
     results: list[dict] = []
     with accelerator.split_between_processes(files) as own_files:
         loader = DataLoader(

@@ -5,7 +5,11 @@
   and ``trainer_state.json`` (epoch, iteration, position inside the epoch, best metric).
 - ``latest``: a text file naming the newest complete one.
 - ``best/`` (highest segm AP so far) and ``final/`` (end of training): weights for inference,
-  ``model.safetensors`` with the resolved recipe in its metadata, plus ``config.yaml``.
+  ``model.safetensors`` with the resolved recipe and the classes in its metadata.
+
+Every one of them also holds ``config.yaml`` (the resolved recipe) and ``classes.json`` (the
+class names and category ids of labels 1..K), so that a checkpoint alone is enough to
+predict, evaluate or fine-tune from.
 
 Everything is written to a hidden folder first and renamed into place, so a crash mid-write
 never leaves a broken checkpoint behind ``latest``. Loading never unpickles code: weights are
@@ -27,6 +31,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from trainer.engine.logging import get_logger
+from trainer.weights.classes import ModelClasses
 
 LATEST = "latest"
 BEST = "best"
@@ -70,9 +75,12 @@ def save_checkpoint(
     state: dict,
     ema_model: torch.nn.Module | None = None,
     keep_last: int = 0,
+    model_files: dict[str, str] | None = None,
 ) -> Path:
     """Save the Accelerate state plus ``state`` (JSON-serializable) as ``checkpoints/<name>``,
     point ``latest`` at it, then delete all but the ``keep_last`` newest (0: keep all).
+    ``model_files`` (file name -> text, e.g. ``config.yaml``, ``classes.json``) are written
+    into the folder too.
 
     Call on every process: each writes its own random state.
     """
@@ -89,6 +97,8 @@ def save_checkpoint(
             save_model(ema_model, str(tmp / EMA_FILE))
         full_state = {**state, "num_processes": accelerator.num_processes, "rng": fingerprints}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+        for file_name, text in (model_files or {}).items():
+            (tmp / file_name).write_text(text)
         _replace_dir(tmp, root / name)
         _write_atomic(root / LATEST, name)
         if keep_last > 0:
@@ -168,16 +178,24 @@ def load_checkpoint(
 
 
 def export_weights(
-    folder: str | Path, state_dict: dict[str, torch.Tensor], recipe_yaml: str, info: dict
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    recipe_yaml: str,
+    info: dict,
+    classes: ModelClasses | None = None,
 ) -> Path:
-    """Write inference weights: ``model.safetensors`` (the recipe YAML and ``info`` in its
-    metadata), ``config.yaml`` and ``info.json``, renamed into place as a whole."""
+    """Write inference weights: ``model.safetensors`` (the recipe YAML, ``info`` and the
+    classes in its metadata), ``config.yaml``, ``classes.json`` and ``info.json``, renamed
+    into place as a whole."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     metadata = {"recipe": recipe_yaml, "info": json.dumps(info)}
+    if classes is not None:
+        metadata["classes"] = classes.to_json()
+        classes.save(tmp)
     tensors = {name: value.detach().cpu().contiguous() for name, value in state_dict.items()}
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
     (tmp / RECIPE_FILE).write_text(recipe_yaml)

@@ -13,7 +13,6 @@ import datetime
 import math
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from trainer.engine.checkpoint import (
     BEST,
     FINAL,
+    RECIPE_FILE,
     checkpoints_dir,
     export_weights,
     latest_checkpoint,
@@ -36,6 +36,7 @@ from trainer.engine.state import TrainState
 from trainer.engine.trackers import has_trackers, log_images
 from trainer.engine.val_phase import draw_predictions, validate
 from trainer.evaluation.coco import CocoEvaluator, summary_table
+from trainer.weights.classes import CLASSES_FILE, ModelClasses
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,11 +59,11 @@ class LoopSettings:
     max_nonfinite_steps: int = 5
     grad_clip: float | None = None
     log_images: int = 0
-    class_names: tuple[str, ...] = ()  # for the drawn val predictions
-    recipe_yaml: str = ""  # written beside exported weights
+    classes: ModelClasses | None = None  # written beside the weights; names the drawn classes
+    recipe_yaml: str = ""  # written beside the weights
 
     @classmethod
-    def from_recipe(cls, cfg: DictConfig, class_names: Sequence[str]) -> LoopSettings:
+    def from_recipe(cls, cfg: DictConfig, classes: ModelClasses) -> LoopSettings:
         return cls(
             work_dir=cfg.work_dir,
             workflow=[(phase, epochs) for phase, epochs in cfg.workflow],
@@ -76,9 +77,16 @@ class LoopSettings:
             max_nonfinite_steps=cfg.max_nonfinite_steps,
             grad_clip=cfg.optimizer.grad_clip,
             log_images=cfg.log_images,
-            class_names=tuple(class_names),
+            classes=classes,
             recipe_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         )
+
+    def model_files(self) -> dict[str, str]:
+        """What every checkpoint folder holds beside the weights: the recipe and the classes."""
+        files = {RECIPE_FILE: self.recipe_yaml}
+        if self.classes is not None:
+            files[CLASSES_FILE] = self.classes.to_json()
+        return files
 
 
 @dataclass
@@ -365,7 +373,8 @@ class Runner:
     def _log_images(self, pairs: list) -> None:
         try:
             with_masks = "segm" in self.evaluator.iou_types
-            drawn = draw_predictions(pairs, self.settings.class_names, with_masks)
+            names = self.settings.classes.names if self.settings.classes else []
+            drawn = draw_predictions(pairs, names, with_masks)
         except Exception as exc:  # a drawing problem must not cost the run
             self.logger.warning("could not draw val predictions: %s: %s", type(exc).__name__, exc)
             return
@@ -381,6 +390,7 @@ class Runner:
             self.state.to_dict(),
             ema_model=ema_module,
             keep_last=self.settings.keep_last,
+            model_files=self.settings.model_files(),
         )
         self.logger.info("saved checkpoint %s", folder)
 
@@ -393,5 +403,7 @@ class Runner:
             state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
             folder = checkpoints_dir(self.settings.work_dir) / name
-            export_weights(folder, state_dict, self.settings.recipe_yaml, info)
+            export_weights(
+                folder, state_dict, self.settings.recipe_yaml, info, self.settings.classes
+            )
         self.accelerator.wait_for_everyone()

@@ -1,5 +1,6 @@
 """``train_detector``: a training run as a sequence of named steps.
 
+    initialise_from(model, load_from, ...)                  # fine-tuning: trained weights
     loaders   = build_loaders(datasets, ...)                # seeded samples, one orientation
     optimizer = build_optimizer(model, ...)                 # lr scaled to the global batch
     model, optimizer, loaders = prepare(accelerator, ...)   # devices, DDP / FSDP, shards
@@ -25,7 +26,12 @@ from torch.utils.data import RandomSampler
 from trainer.config import RecipeError, to_dict
 from trainer.data import build_dataloader
 from trainer.engine.accelerator import build_accelerator
-from trainer.engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints
+from trainer.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+)
 from trainer.engine.logging import flatten, get_logger
 from trainer.engine.optim import build_lr_scheduler, build_optimizer
 from trainer.engine.runner import LoopSettings, Runner, TrainingParts
@@ -33,6 +39,9 @@ from trainer.engine.state import TrainState
 from trainer.engine.trackers import start_trackers
 from trainer.evaluation.coco import CocoEvaluator
 from trainer.seeding import SeededSamples
+from trainer.weights.classes import ModelClasses
+from trainer.weights.read import read_weights
+from trainer.weights.transfer import TransferReport, transfer_weights
 
 
 def train_detector(
@@ -49,6 +58,11 @@ def train_detector(
     """
     accelerator = accelerator or build_accelerator(cfg)
     check_sync_bn(model, accelerator)
+    if cfg.load_from is not None:
+        if will_resume(cfg.resume, cfg.work_dir):
+            get_logger().info("load_from %s skipped: the run resumes", cfg.load_from)
+        else:
+            initialise_from(model, cfg.load_from, list(datasets["train"].CLASSES), accelerator)
     data = cfg.data
     loaders = build_loaders(
         datasets, data.imgs_per_gpu, data.workers_per_gpu, cfg.seed, data.group_by_aspect_ratio
@@ -82,7 +96,7 @@ def train_detector(
     if "val" in datasets:
         evaluator = CocoEvaluator.for_dataset(datasets["val"], accelerator, cfg.evaluation.backend)
     parts = TrainingParts(accelerator, model, optimizer, scheduler, loaders, evaluator, ema)
-    settings = LoopSettings.from_recipe(cfg, datasets["train"].CLASSES)
+    settings = LoopSettings.from_recipe(cfg, ModelClasses.of_dataset(datasets["train"]))
 
     start_trackers(
         accelerator, list(cfg.trackers), cfg.project, flatten(to_dict(cfg)), cfg.work_dir
@@ -102,6 +116,33 @@ def check_sync_bn(model: torch.nn.Module, accelerator: Accelerator) -> None:
             f"{accelerator.num_processes} processes run on the CPU; set "
             "model.backbone.sync_bn: false."
         )
+
+
+def will_resume(resume: str | None, work_dir: str) -> bool:
+    """Whether :func:`restore` will load a checkpoint."""
+    return resume is not None and (resume != "auto" or latest_checkpoint(work_dir) is not None)
+
+
+def initialise_from(
+    model: torch.nn.Module, source: str, class_names: list[str], accelerator: Accelerator
+) -> TransferReport:
+    """Load trained detector weights (any format of ``trainer.weights.read``) into ``model``,
+    class rows matched by name, and log what was transferred. The main process downloads
+    first, the others then read its copy."""
+    try:
+        with accelerator.main_process_first():
+            weights = read_weights(source)
+        report = transfer_weights(model, weights, class_names)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CheckpointError(f"load_from {source}: {exc}") from None
+    if not report.loaded:
+        raise CheckpointError(
+            f"load_from {source}: no tensor of it fits this model ({report.format} format; "
+            f"{len(report.reinitialised)} differ in shape, {len(report.missing)} missing): "
+            "is the recipe's model the one the weights were trained with?"
+        )
+    get_logger().info("%s", report.table())
+    return report
 
 
 def build_loaders(

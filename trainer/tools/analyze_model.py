@@ -124,15 +124,19 @@ def main(argv: list[str] | None = None) -> list[ModuleStats]:
     args = parse_args(argv)
     from trainer.config import RecipeError, load_recipe
     from trainer.models import build_detector
-    from trainer.predict import read_categories
+    from trainer.weights.pretrained import classes_from_annotations
 
     cfg = load_recipe(args.recipe, args.overrides)
     num_classes = args.num_classes or cfg.model.num_classes
     if num_classes is None:
-        try:
-            num_classes = len(read_categories(cfg))
-        except RecipeError as exc:
-            raise RecipeError(f"{exc} Or give the class count: --num-classes K.") from None
+        classes = classes_from_annotations(cfg)
+        if classes is None:
+            raise RecipeError(
+                f"the class count comes from the recipe's annotation files, but neither "
+                f"data.val.ann_file '{cfg.data.val.ann_file}' nor data.train.ann_file "
+                f"'{cfg.data.train.ann_file}' exists: give it with --num-classes K."
+            )
+        num_classes = len(classes.names)
     if args.size is None:
         height, width = min(cfg.data.val.min_size), cfg.data.val.max_size
     else:
