@@ -109,3 +109,37 @@ def test_same_class_list_copies_placeholder_rows_too():
     transfer_weights(target, source, classes)
     out = target.state_dict()
     assert all(torch.equal(out[k], source.state_dict[k]) for k in out)
+
+
+def test_at_iteration_0_the_shared_classes_are_detected_as_by_the_source():
+    """A model for [circle, square, triangle] initialised from one for [square, circle]: with
+    the new class silenced, it returns exactly the source model's detections, relabelled."""
+    source_model = model(2, seed=1).eval()
+    source_classes = ["square", "circle"]
+    source = SourceWeights(source_model.state_dict(), source_classes, "trainer", "src")
+    target = model(3, seed=2).eval()
+    transfer_weights(target, source, ["circle", "square", "triangle"])
+    with torch.no_grad():
+        target.roi_heads.box_head.cls_score.bias[3] = -1e4  # triangle never wins
+        # Make the random source model confident enough to detect something.
+        for m in (source_model, target):
+            m.roi_heads.score_thresh = 0.0
+    torch.manual_seed(0)
+    images = [torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        expected = source_model(images)[0]
+        got = target(images)[0]
+    assert len(expected["labels"]) > 0
+    relabel = torch.tensor([0, 2, 1])  # source label -> target label
+    expected["labels"] = relabel[expected["labels"]]
+
+    def in_order(result):  # ties in score may come out in either order
+        keys = torch.cat([result["scores"][:, None], result["labels"][:, None], result["boxes"]], 1)
+        order = sorted(range(len(keys)), key=lambda i: keys[i].tolist())
+        return {k: v[order] for k, v in result.items()}
+
+    got, expected = in_order(got), in_order(expected)
+    assert torch.equal(got["labels"], expected["labels"])
+    torch.testing.assert_close(got["boxes"], expected["boxes"])
+    torch.testing.assert_close(got["scores"], expected["scores"])
+    assert torch.equal(got["masks"], expected["masks"])
