@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 from trainer.data.shapes import generate_shapes  # noqa: E402
 
 
-def train(name: str, out: Path, data: Path, train_ann: Path, epochs: int, *extra: str) -> list:
+def train(
+    name: str, out: Path, data: Path, anns: tuple[Path, Path], epochs: int, *extra: str
+) -> list:
     """Run recipes/demo.yaml with a val phase after every epoch; returns the val records."""
     work_dir = out / name
     command = [
@@ -35,9 +37,9 @@ def train(name: str, out: Path, data: Path, train_ann: Path, epochs: int, *extra
         str(ROOT / "recipes/demo.yaml"),
         f"work_dir={work_dir}",
         *(f"data.{split}.type=CocoDataset" for split in ("train", "val")),
-        f"data.train.ann_file={train_ann}",
+        f"data.train.ann_file={anns[0]}",
         f"data.train.img_dir={data}/train",
-        f"data.val.ann_file={data}/annotations/val.json",
+        f"data.val.ann_file={anns[1]}",
         f"data.val.img_dir={data}/val",
         f"total_epochs={epochs}",
         "workflow=[[train,1],[val,1]]",
@@ -61,22 +63,24 @@ def main() -> None:
     out = Path(args.out)
     data = out / "shapes"
     generate_shapes(data)
-    full = json.loads((data / "annotations/train.json").read_text())
-    keep = {c["id"] for c in full["categories"] if c["name"] != "triangle"}
-    two_classes = {
-        **full,
-        "categories": [c for c in full["categories"] if c["id"] in keep],
-        "annotations": [a for a in full["annotations"] if a["category_id"] in keep],
-    }
-    source_ann = out / "train_circles_squares.json"
-    source_ann.write_text(json.dumps(two_classes))
+    source_anns = []
+    for split in ("train", "val"):
+        full = json.loads((data / f"annotations/{split}.json").read_text())
+        keep = {c["id"] for c in full["categories"] if c["name"] != "triangle"}
+        two_classes = {
+            **full,
+            "categories": [c for c in full["categories"] if c["id"] in keep],
+            "annotations": [a for a in full["annotations"] if a["category_id"] in keep],
+        }
+        source_anns.append(out / f"{split}_circles_squares.json")
+        source_anns[-1].write_text(json.dumps(two_classes))
 
-    train("source", out, data, source_ann, args.source_epochs)
-    full_ann = data / "annotations/train.json"
+    train("source", out, data, tuple(source_anns), args.source_epochs)
+    full_anns = (data / "annotations/train.json", data / "annotations/val.json")
     runs = {
-        "scratch": train("scratch", out, data, full_ann, args.epochs),
+        "scratch": train("scratch", out, data, full_anns, args.epochs),
         "load_from": train(
-            "load_from", out, data, full_ann, args.epochs, f"load_from={out / 'source'}"
+            "load_from", out, data, full_anns, args.epochs, f"load_from={out / 'source'}"
         ),
     }
     print("\nsegm AP on the val split (all three classes) after each epoch:")

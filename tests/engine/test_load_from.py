@@ -4,9 +4,13 @@ some classes with it."""
 import json
 import subprocess
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.engine.runs import ENV, ROOT, run, tiny_recipe, tiny_shapes, train_command
+from tests.engine.toy import ToyDataset, toy_model, toy_recipe
+from trainer.config import RecipeError
+from trainer.engine import train_detector
 
 
 def test_fine_tune_from_a_run_with_other_classes(tmp_path):
@@ -72,3 +76,14 @@ def test_fine_tune_from_a_run_with_other_classes(tmp_path):
             f"error: load_from {tmp_path / 'nowhere'}: weights '{tmp_path / 'nowhere'}' not found"
         )
     ), missing.stderr[-2000:]
+
+
+def test_a_val_set_with_other_categories_stops_before_training(tmp_path):
+    class OtherClasses(ToyDataset):
+        CLASSES = ("thing", "other")
+
+    cfg = toy_recipe(tmp_path / "run")
+    datasets = {"train": ToyDataset(), "val": OtherClasses()}
+    with pytest.raises(RecipeError, match="val set's categories differ.*'thing', 2: 'other'"):
+        train_detector(toy_model(), datasets, cfg)
+    assert not (tmp_path / "run/metrics.jsonl").exists()

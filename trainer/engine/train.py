@@ -58,6 +58,7 @@ def train_detector(
     """
     accelerator = accelerator or build_accelerator(cfg)
     check_sync_bn(model, accelerator)
+    check_same_classes(datasets)
     if cfg.load_from is not None:
         if will_resume(cfg.resume, cfg.work_dir):
             get_logger().info("load_from %s skipped: the run resumes", cfg.load_from)
@@ -115,6 +116,21 @@ def check_sync_bn(model: torch.nn.Module, accelerator: Accelerator) -> None:
             f"model.backbone.sync_bn: torch's SyncBatchNorm runs on GPUs only, and these "
             f"{accelerator.num_processes} processes run on the CPU; set "
             "model.backbone.sync_bn: false."
+        )
+
+
+def check_same_classes(datasets: dict) -> None:
+    """The val set must name the training set's classes in the same order: its labels index
+    the same rows of the heads. Stop before training rather than at the first val phase."""
+    if "val" not in datasets:
+        return
+    train, val = (ModelClasses.of_dataset(datasets[split]) for split in ("train", "val"))
+    if (train.names, train.category_ids) != (val.names, val.category_ids):
+        raise RecipeError(
+            "the val set's categories differ from the training set's: train "
+            f"{dict(zip(train.label_to_cat.values(), train.names))}, val "
+            f"{dict(zip(val.label_to_cat.values(), val.names))} (id: name). Give both "
+            "annotation files the same categories, with the same ids."
         )
 
 
