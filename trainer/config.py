@@ -122,6 +122,13 @@ class RoIHeadsConfig:
     nms_thresh: float = checked(0.5, PROBABILITY)
     detections_per_img: int = checked(100, at_least(1))
     mask_thresh: float = checked(0.5, PROBABILITY)
+    # RoIAlign of the box and mask heads: true (half-pixel offset, Detectron2) or false
+    # (torchvision's MultiScaleRoIAlign); sampling points per bin side, 0: adaptive.
+    pooler_aligned: bool = True
+    pooler_sampling_ratio: int = checked(0, at_least(0))
+    # How masks are pasted into the image: "exact" (bilinear over the exact box, Detectron2)
+    # or "torchvision" (its paste_masks_in_image: box expanded by a pixel, integer corners).
+    mask_paste: str = checked("exact", one_of("exact", "torchvision"))
 
 
 @dataclass
@@ -131,6 +138,10 @@ class ModelConfig:
     num_classes: int | None = checked(None, at_least(1))
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn_channels: int = checked(256, at_least(1))
+    # Batches are padded to a multiple of this; null: the coarsest pyramid stride (64 with
+    # P6), so that every level's map is exactly the image's size over its stride.
+    # torchvision pads to 32.
+    size_divisibility: int | None = checked(None, at_least(1))
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
 

@@ -40,7 +40,6 @@ from trainer.engine.trackers import start_trackers
 from trainer.evaluation.coco import CocoEvaluator
 from trainer.seeding import SeededSamples
 from trainer.weights.classes import ModelClasses
-from trainer.weights.read import read_weights
 from trainer.weights.transfer import TransferReport, transfer_weights
 
 
@@ -145,6 +144,9 @@ def initialise_from(
     """Load trained detector weights (any format of ``trainer.weights.read``) into ``model``,
     class rows matched by name, and log what was transferred. The main process downloads
     first, the others then read its copy."""
+    # Imported here: the readers use engine.checkpoint, which imports this package.
+    from trainer.weights.read import read_weights
+
     try:
         with accelerator.main_process_first():
             weights = read_weights(source)

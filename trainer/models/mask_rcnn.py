@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from trainer.models.backbone import BACKBONES, TimmBackbone, fixed_input_size
 from trainer.models.fpn import FPN
@@ -13,6 +14,9 @@ from trainer.models.roi_heads import RoIHeads
 from trainer.models.rpn import RegionProposalNetwork
 from trainer.ops.masks import paste_masks
 from trainer.registry import build, build_part
+
+# Mask pasting: this project's exact paste, or torchvision's (for its weights' detections).
+PASTE_MODES = ("exact", "torchvision")
 
 
 class MaskRCNN(nn.Module):
@@ -46,7 +50,8 @@ class MaskRCNN(nn.Module):
         rpn: RegionProposalNetwork,
         roi_heads: RoIHeads,
         mask_thresh: float = 0.5,
-        size_divisibility: int = 32,
+        size_divisibility: int | None = None,
+        mask_paste: str = "exact",
     ):
         super().__init__()
         self.backbone = backbone
@@ -54,8 +59,12 @@ class MaskRCNN(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.mask_thresh = mask_thresh
+        if mask_paste not in PASTE_MODES:
+            raise ValueError(f"mask_paste must be one of {list(PASTE_MODES)}, got {mask_paste!r}.")
+        self.mask_paste = mask_paste
         self.num_classes = roi_heads.num_classes
-        self.size_divisibility = max(size_divisibility, max(self.fpn.strides))
+        # None: the coarsest stride, so that every pyramid level divides the padded size.
+        self.size_divisibility = size_divisibility or max(self.fpn.strides)
         # Units FSDP shards apart, by class name (Accelerate's TRANSFORMER_BASED_WRAP reads
         # them when the config names no classes): backbone blocks, the pyramid and each head.
         # Each is entered through its forward, where FSDP gathers its parameters.
@@ -91,6 +100,8 @@ class MaskRCNN(nn.Module):
                 num_classes=num_classes,
             ),
             mask_thresh=cfg.roi_heads.mask_thresh,
+            mask_paste=cfg.roi_heads.mask_paste,
+            size_divisibility=cfg.size_divisibility,
         )
 
     def forward(
@@ -189,9 +200,14 @@ class MaskRCNN(nn.Module):
                     "boxes": boxes,
                     "labels": detections["labels"][index],
                     "scores": detections["scores"][index],
-                    "masks": paste_masks(
-                        detections["mask_probs"][index], boxes, out_h, out_w, self.mask_thresh
-                    ),
+                    "masks": self.paste(detections["mask_probs"][index], boxes, out_h, out_w),
                 }
             )
         return results
+
+    def paste(self, probs: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
+        """[D, M, M] mask probabilities in their boxes [D, 4] -> [D, height, width] bool."""
+        if self.mask_paste == "torchvision":
+            pasted = paste_masks_in_image(probs[:, None], boxes, (height, width))[:, 0]
+            return pasted > self.mask_thresh
+        return paste_masks(probs, boxes, height, width, self.mask_thresh)

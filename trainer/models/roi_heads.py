@@ -58,13 +58,16 @@ class RoIHeads(nn.Module):
         score_thresh: float,
         nms_thresh: float,
         detections_per_img: int,
+        pooler_aligned: bool = True,
+        pooler_sampling_ratio: int = 0,
     ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}.")
         self.num_classes = num_classes
-        self.box_pooler = MultiLevelRoIAlign(box_pool_size, strides)
-        self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, strides)
+        pooling = {"sampling_ratio": pooler_sampling_ratio, "aligned": pooler_aligned}
+        self.box_pooler = MultiLevelRoIAlign(box_pool_size, strides, **pooling)
+        self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, strides, **pooling)
         self.box_head = BoxHead(
             channels, box_pool_size, box_fc_dim, num_classes, num_box_convs, norm
         )
@@ -102,6 +105,8 @@ class RoIHeads(nn.Module):
             score_thresh=cfg.score_thresh,
             nms_thresh=cfg.nms_thresh,
             detections_per_img=cfg.detections_per_img,
+            pooler_aligned=cfg.pooler_aligned,
+            pooler_sampling_ratio=cfg.pooler_sampling_ratio,
         )
 
     def forward(

@@ -89,16 +89,17 @@ def from_checkpoint_dict(checkpoint: dict, path: str, format: str | None = None)
     state = checkpoint.get("model", checkpoint)
     if format == "trainer" or (format is None and OUR_CLASSIFIER in state):
         return SourceWeights(dict(state), None, "trainer", path)
+    from trainer.weights.torchvision import from_torchvision, is_torchvision
+
+    if format == "torchvision" or (format is None and is_torchvision(checkpoint)):
+        return from_torchvision(checkpoint, path)
     from trainer.weights.detectron2 import from_detectron2, is_detectron2
     from trainer.weights.mmdet import from_mmdet, is_mmdet
-    from trainer.weights.torchvision import from_torchvision, is_torchvision
 
     if format == "mmdet" or (format is None and is_mmdet(checkpoint)):
         return from_mmdet(checkpoint, path)
     if format == "detectron2" or (format is None and is_detectron2(checkpoint)):
         return from_detectron2(checkpoint, path)
-    if format == "torchvision" or (format is None and is_torchvision(checkpoint)):
-        return from_torchvision(checkpoint, path)
     raise ValueError(
         f"'{path}' is not a Mask R-CNN checkpoint this project reads (this project's, "
         "torchvision's, detectron2's or mmdetection's); its first keys: "
