@@ -98,3 +98,32 @@ def test_older_torchvision_names():
     assert rename("roi_heads.mask_head.3.0.weight") == "roi_heads.mask_head.convs.6.weight"
     assert rename("rpn.head.conv.0.0.weight") == "rpn.head.conv.weight"
     assert rename("roi_heads.keypoint_head.0.weight") is None
+
+
+def test_convert_then_fine_tune_keeps_coco_classes_by_name(torchvision_model, tmp_path):
+    """convert_weights writes a folder Detector and load_from read; fine-tuning it on
+    [person, dog, kayak] takes COCO's person (id 1) and dog (id 18) rows."""
+    from trainer import Detector
+    from trainer.tools import convert_weights
+    from trainer.weights.read import read_weights
+    from trainer.weights.transfer import transfer_weights
+
+    source = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.save(torchvision_model.state_dict(), source)
+    out = convert_weights.main(
+        [str(source), str(tmp_path / "converted"), "--format", "torchvision"]
+    )
+    detector = Detector.from_pretrained(out, device="cpu")
+    assert detector.classes == TORCHVISION_COCO_CLASSES
+    assert detector.cfg.model.roi_heads.mask_paste == "torchvision"
+
+    cfg = load_recipe(RECIPE, ["model.num_classes=3"])
+    model = build_detector(cfg.model)
+    report = transfer_weights(model, read_weights(out), ["person", "dog", "kayak"])
+    assert report.kept_classes == ["person", "dog"] and report.new_classes == ["kayak"]
+    cls = torchvision_model.roi_heads.box_predictor.cls_score.weight
+    ours = model.roi_heads.box_head.cls_score.weight
+    assert torch.equal(ours[1], cls[1]) and torch.equal(ours[2], cls[18])
+    assert torch.equal(ours[0], cls[0])
+    logits = torchvision_model.roi_heads.mask_predictor.mask_fcn_logits.weight
+    assert torch.equal(model.roi_heads.mask_head.predictor.weight[1], logits[18])
