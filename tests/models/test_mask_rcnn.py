@@ -104,18 +104,68 @@ def test_two_hundred_objects_in_one_image(small_model):
     assert losses["loss_mask"].item() > 0
 
 
-def test_tiny_degenerate_and_image_sized_boxes(small_model):
+def test_tiny_and_image_sized_boxes(small_model):
     small_model.train()
     boxes = [
         [0, 0, 96, 64],  # the whole image
         [40, 30, 41, 31],  # one pixel
-        [10, 10, 10, 20],  # zero width: can match nothing, must not give NaN
+        [10, 10, 11, 20],  # made nearly zero width below: matches nothing, must not give NaN
     ]
-    losses = small_model([torch.rand(3, 64, 96)], [box_target(64, 96, boxes, [1, 2, 3])])
+    target = box_target(64, 96, boxes, [1, 2, 3])
+    target["boxes"][2, 2] = 10.01
+    losses = small_model([torch.rand(3, 64, 96)], [target])
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grads = [p.grad for p in small_model.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"boxes": torch.tensor([[10.0, 10, 10, 20]])},
+            r"invalid box \[10.0, 10.0, 10.0, 20.0\] for target at index 1",
+        ),
+        ({"boxes": torch.tensor([[10.0, 30, 20, 20]])}, "positive height and width.*index 1"),
+        (
+            {"boxes": torch.tensor([10.0, 10, 20, 20])},
+            r"target 1: boxes must be a tensor of shape \[N, 4\], got \[4\]",
+        ),
+        ({"boxes": torch.tensor([[10, 10, 20, 20]])}, "target 1: boxes must be a float tensor"),
+        ({"labels": torch.tensor([1, 2])}, r"target 1: labels must have shape \[1\], got \[2\]"),
+        (
+            {"masks": torch.zeros(1, 32, 32, dtype=torch.uint8)},
+            r"target 1: masks must be \[N, H, W\]",
+        ),
+    ],
+)
+def test_training_inputs_are_checked_like_torchvision(small_model, change, message):
+    small_model.train()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
+    targets = [
+        box_target(64, 80, [[5, 5, 40, 30]], [1]),
+        box_target(48, 64, [[10, 10, 20, 20]], [2]),
+    ]
+    targets[1].update(change)
+    with pytest.raises(ValueError, match=message):
+        small_model(images, targets)
+    with pytest.raises(ValueError, match=r"image 0 must be a \[3, H, W\] tensor, got \[64, 80\]"):
+        small_model([torch.rand(64, 80)], targets[:1])
+
+
+def test_images_without_objects_train(small_model):
+    """Negative samples (torchvision's test_models_detection_negative_samples): finite
+    losses, no mask loss, no box loss."""
+    small_model.train()
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 64, 80, dtype=torch.uint8),
+    }
+    losses = small_model([torch.rand(3, 64, 80)], [empty])
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_mask"] == 0 and losses["loss_bbox"] == 0 and losses["loss_rpn_bbox"] == 0
 
 
 def test_odd_and_non_square_sizes_in_one_batch(small_model):

@@ -15,6 +15,51 @@ from trainer.models.rpn import RegionProposalNetwork
 from trainer.ops.masks import paste_masks
 from trainer.registry import build, build_part
 
+
+def check_images(images: list[Tensor]) -> None:
+    """A list of [3, H, W] tensors, as torchvision's detection models take."""
+    if not isinstance(images, list | tuple):
+        raise ValueError(
+            f"images must be a list of [3, H, W] tensors, got {type(images).__name__}."
+        )
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            shape = list(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"image {i} must be a [3, H, W] tensor, got {shape}.")
+
+
+def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+    """Training targets as torchvision checks them: ``boxes`` float [N, 4] with x1 > x0 and
+    y1 > y0, ``labels`` [N], ``masks`` (when given) [N, H, W] of the image's size. One host
+    read per target, for the degenerate-box test."""
+    if len(targets) != len(images):
+        raise ValueError(f"{len(images)} images but {len(targets)} targets.")
+    for i, (image, target) in enumerate(zip(images, targets)):
+        boxes = target.get("boxes")
+        if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
+            shape = list(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise ValueError(f"target {i}: boxes must be a tensor of shape [N, 4], got {shape}.")
+        if not boxes.is_floating_point():
+            raise ValueError(f"target {i}: boxes must be a float tensor, got {boxes.dtype}.")
+        labels = target.get("labels")
+        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
+            shape = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"target {i}: labels must have shape [{len(boxes)}], got {shape}.")
+        masks = target.get("masks")
+        if masks is not None and tuple(masks.shape) != (len(boxes), *image.shape[-2:]):
+            raise ValueError(
+                f"target {i}: masks must be [N, H, W] = {[len(boxes), *image.shape[-2:]]}, "
+                f"got {list(masks.shape)}."
+            )
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if degenerate.any():
+            index = int(degenerate.nonzero()[0, 0])
+            raise ValueError(
+                "All bounding boxes should have positive height and width. Found invalid "
+                f"box {boxes[index].tolist()} for target at index {i}."
+            )
+
+
 # Mask pasting: this project's exact paste, or torchvision's (for its weights' detections).
 PASTE_MODES = ("exact", "torchvision")
 
@@ -110,8 +155,11 @@ class MaskRCNN(nn.Module):
         targets: list[dict[str, Tensor]] | None = None,
         output_sizes: list[tuple[int, int]] | None = None,
     ):
-        if self.training and targets is None:
-            raise ValueError("MaskRCNN in training mode needs targets.")
+        check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("MaskRCNN in training mode needs targets.")
+            check_targets(images, targets)
         batch, image_sizes = self.preprocess(images)
         pyramid = self.fpn(self.backbone(batch))
         gt = self.pad_targets(targets, batch.shape[-2:]) if self.training else None
