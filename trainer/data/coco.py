@@ -160,18 +160,30 @@ class CocoDataset(DetectionDataset):
         return self._segms.problems(table.ann_source, table.heights[image], table.widths[image])
 
 
+# Where recipes/demo.yaml keeps the demo set, relative to the working directory.
+DEMO_ROOT = Path("data/shapes")
+
+
 class ShapesDataset(CocoDataset):
-    """The embedded synthetic demo set; generated on first use under the annotation
-    file's grandparent folder (``data/shapes/annotations/train.json`` -> ``data/shapes``)."""
+    """The synthetic demo set, generated on first use when the annotation file is the demo
+    recipe's own (under ``data/shapes/``). Any other files are read as plain COCO: the demo
+    recipe with a user's paths trains on the user's data, and nothing is written beside it."""
 
     def __init__(
         self, ann_file: str, img_dir: str, transforms=None, filter_empty: bool = False, **kwargs
     ):
-        ensure_shapes(Path(ann_file).parent.parent)
+        generate_if_demo(ann_file)
         super().__init__(ann_file, img_dir, transforms, filter_empty, **kwargs)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, train: bool = True) -> ShapesDataset:
-        """As :meth:`CocoDataset.from_config`, generating the files first when missing."""
-        ensure_shapes(Path(cfg.ann_file).parent.parent)
+        """As :meth:`CocoDataset.from_config`, generating the demo files first when missing."""
+        generate_if_demo(cfg.ann_file)
         return super().from_config(cfg, train)
+
+
+def generate_if_demo(ann_file: str | Path) -> None:
+    """Generate the demo set when ``ann_file`` lies in its folder, ``data/shapes/``."""
+    root = Path(ann_file).parent.parent
+    if root.resolve() == DEMO_ROOT.resolve():
+        ensure_shapes(root)
