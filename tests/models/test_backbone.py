@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from tests.models.conftest import box_target, lean_model_config
+from tests.models.conftest import box_target, lean_model_config, small_model_config
 from trainer.models import build_detector
 from trainer.models.backbone import InputSizeError, TimmBackbone
 
@@ -192,3 +192,14 @@ def test_batchnorm_options():
     synced(torch.rand(2, 3, 64, 64))  # one process: plain BatchNorm behaviour
     with pytest.raises(ValueError, match="sync_bn"):
         TimmBackbone("test_resnet", pretrained=False, frozen_bn=True, sync_bn=True)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_normalization_comes_from_the_pretrained_config(name):
+    """timm's pretrained config sets the input normalization (0.5/0.5 for test_resnet,
+    ImageNet's for test_efficientnet), also when the weights are not loaded."""
+    config = timm.get_pretrained_cfg(name)
+    assert (name == "test_resnet") == (config.mean != timm.data.IMAGENET_DEFAULT_MEAN)
+    model = build_detector(small_model_config(name=name), num_classes=2)
+    assert model.pixel_mean.flatten().tolist() == pytest.approx(list(config.mean))
+    assert model.pixel_std.flatten().tolist() == pytest.approx(list(config.std))
