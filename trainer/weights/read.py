@@ -93,11 +93,12 @@ def from_checkpoint_dict(checkpoint: dict, path: str, format: str | None = None)
 
     if format == "torchvision" or (format is None and is_torchvision(checkpoint)):
         return from_torchvision(checkpoint, path)
-    from trainer.weights.detectron2 import from_detectron2, is_detectron2
     from trainer.weights.mmdet import from_mmdet, is_mmdet
 
     if format == "mmdet" or (format is None and is_mmdet(checkpoint)):
         return from_mmdet(checkpoint, path)
+    from trainer.weights.detectron2 import from_detectron2, is_detectron2
+
     if format == "detectron2" or (format is None and is_detectron2(checkpoint)):
         return from_detectron2(checkpoint, path)
     raise ValueError(
