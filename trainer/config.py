@@ -85,6 +85,14 @@ class BackboneConfig:
     img_size: list[int] | None = checked(
         None, Rule(lambda v: len(v) == 2 and min(v) > 0, "[height, width] in pixels")
     )
+    # Input normalization, RGB in [0, 1]; null: the timm model's pretrained config's.
+    mean: list[float] | None = checked(None, Rule(lambda v: len(v) == 3, "3 numbers (R, G, B)"))
+    std: list[float] | None = checked(
+        None, Rule(lambda v: len(v) == 3 and min(v) > 0, "3 numbers > 0 (R, G, B)")
+    )
+    # ResNet bottlenecks downsample in their first 1x1 conv instead of the 3x3 (the MSRA /
+    # Caffe2 ResNets of detectron2's model zoo).
+    stride_in_1x1: bool = False
 
 
 @dataclass

@@ -69,6 +69,20 @@ def _key(name: str) -> str:
     return name.replace("_", ".")
 
 
+def move_stride_to_1x1(model: nn.Module, name: str) -> None:
+    """Downsample in each strided ResNet bottleneck's first 1x1 conv instead of its 3x3
+    (MSRA / Caffe2 ResNets: detectron2's ``STRIDE_IN_1X1``). Same parameters, other maps."""
+    moved = 0
+    for block in model.modules():
+        conv1, conv2 = getattr(block, "conv1", None), getattr(block, "conv2", None)
+        is_bottleneck = hasattr(block, "conv3") and isinstance(conv1, nn.Conv2d)
+        if is_bottleneck and isinstance(conv2, nn.Conv2d) and conv2.stride != (1, 1):
+            conv1.stride, conv2.stride = conv2.stride, (1, 1)
+            moved += 1
+    if moved == 0:
+        raise ValueError(f"stride_in_1x1: '{name}' has no strided ResNet bottleneck blocks.")
+
+
 class TimmBackbone(nn.Module):
     """``timm.create_model(name, features_only=True)`` with weights, freezing and norm options.
 
@@ -88,6 +102,8 @@ class TimmBackbone(nn.Module):
         sync_bn: BatchNorm layers that train are synchronized across processes (multi-GPU).
         img_size: input size to build the model for (timm's ``img_size``); models with a
             fixed input size take batches padded to it.
+        mean, std: input normalization (RGB, [0, 1]) instead of the pretrained config's.
+        stride_in_1x1: ResNet bottlenecks downsample in their 1x1 conv (MSRA style).
     """
 
     def __init__(
@@ -100,6 +116,9 @@ class TimmBackbone(nn.Module):
         sync_bn: bool = False,
         out_indices: list[int] | None = None,
         img_size: list[int] | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        stride_in_1x1: bool = False,
     ):
         super().__init__()
         if not timm.is_model(name):
@@ -144,8 +163,10 @@ class TimmBackbone(nn.Module):
         input_cfg = get_model_input_config(self.body)
         self.fixed_size = tuple(input_cfg["input_size"][1:]) if _is_fixed_size(self.body) else None
         data_cfg = timm.data.resolve_data_config({}, model=self.body)
-        self.mean = tuple(data_cfg["mean"])
-        self.std = tuple(data_cfg["std"])
+        self.mean = tuple(mean) if mean is not None else tuple(data_cfg["mean"])
+        self.std = tuple(std) if std is not None else tuple(data_cfg["std"])
+        if stride_in_1x1:
+            move_stride_to_1x1(self.body, name)
 
         self.pyramid = None
         if automatic and strides != list(WANTED_STRIDES):
@@ -177,6 +198,9 @@ class TimmBackbone(nn.Module):
             sync_bn=cfg.sync_bn,
             out_indices=list(cfg.out_indices) if cfg.out_indices is not None else None,
             img_size=list(cfg.img_size) if cfg.img_size is not None else None,
+            mean=list(cfg.mean) if cfg.mean is not None else None,
+            std=list(cfg.std) if cfg.std is not None else None,
+            stride_in_1x1=cfg.stride_in_1x1,
         )
 
     def _wrapper_prefix(self) -> str:
