@@ -88,7 +88,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|")
     for a, b in zip(runs["scratch"], runs["load_from"]):
         print(f"| {a['epoch']} | {a['iter']} | {a['segm/AP']:.3f} | {b['segm/AP']:.3f} |")
-    for level in (0.2, 0.3, 0.4, 0.5):
+    for level in (0.05, 0.1, 0.15, 0.2, 0.3):
         reached = {
             name: next((r["iter"] for r in records if r["segm/AP"] >= level), None)
             for name, records in runs.items()
