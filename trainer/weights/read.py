@@ -52,7 +52,14 @@ def locate(source: str | Path) -> Path:
     if HUB_REPO_ID.match(text) and not text.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=text))
+        try:
+            return Path(snapshot_download(repo_id=text))
+        except Exception as exc:  # offline, no such repo, no access: all say the same here
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FileNotFoundError(
+                f"weights '{text}': no such file or folder here, and no Hugging Face Hub repo "
+                f"of that id could be downloaded ({reason})."
+            ) from None
     raise FileNotFoundError(
         f"weights '{text}' not found: give a work_dir, a checkpoint folder, a weights file, "
         "an http(s) URL or a Hugging Face Hub repo id (owner/name)."
