@@ -66,6 +66,8 @@ def test_every_kind_of_image_gives_the_same_detections(trained, detector):  # no
             assert torch.equal(result[key], reference[key]), key
     with pytest.raises(ValueError, match="H x W x 3 uint8"):
         detector.predict(array.astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="image file '.*missing.png' does not exist"):
+        detector.predict(root / "missing.png")
 
 
 def test_save_pretrained_round_trip_and_hub_upload(detector, trained, tmp_path, monkeypatch):  # noqa: F811

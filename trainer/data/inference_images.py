@@ -36,6 +36,8 @@ def to_image_tensor(image: Any) -> Tensor:
     [0, 1]) -> uint8 [3, H, W]. Float images are rounded to 8 bits, the pixels the model
     was trained on, so that a picture gives the same detections in any of these forms."""
     if isinstance(image, str | Path):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image file '{image}' does not exist.")
         return read_image_file(image)
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
