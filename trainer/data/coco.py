@@ -17,7 +17,6 @@ from torchvision.io import ImageReadMode, decode_image
 from trainer.data.annotations import Annotations, boxes_array
 from trainer.data.base import DetectionDataset
 from trainer.data.segmentation import RawSegmentation, Segmentations
-from trainer.data.shapes import ensure_shapes
 
 
 class _Image(msgspec.Struct):
@@ -184,6 +183,10 @@ class ShapesDataset(CocoDataset):
 
 def generate_if_demo(ann_file: str | Path) -> None:
     """Generate the demo set when ``ann_file`` lies in its folder, ``data/shapes/``."""
+    # Imported here: `python -m trainer.data.shapes` runs that module as __main__, and an
+    # import of it by this package first would make runpy warn.
+    from trainer.data.shapes import ensure_shapes
+
     root = Path(ann_file).parent.parent
     if root.resolve() == DEMO_ROOT.resolve():
         ensure_shapes(root)
