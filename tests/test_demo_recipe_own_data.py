@@ -2,7 +2,10 @@
 
 import subprocess
 
-from tests.engine.runs import ENV, ROOT, run, train_command
+import pytest
+
+from tests.engine.runs import ENV, ROOT, read_records, run, train_command
+from trainer.data import ShapesDataset
 from trainer.data.shapes import generate_shapes
 
 
@@ -30,7 +33,7 @@ def test_the_four_path_overrides_are_enough(tmp_path):
         train_command(
             *paths(tmp_path / "anns", mine),
             f"work_dir={work_dir}",
-            "max_iters=1",
+            "max_iters=2",
             "workflow=[[train,1]]",
             "data.workers_per_gpu=0",
             "model.backbone.name=test_resnet",
@@ -38,6 +41,7 @@ def test_the_four_path_overrides_are_enough(tmp_path):
         cwd=tmp_path,
     )
     assert (work_dir / "checkpoints/final/model.safetensors").is_file()
+    assert [r["iter"] for r in read_records(work_dir) if "loss" in r] == [1, 2]
     assert [p for p in listing(tmp_path) if not p.startswith("work")] == before
 
 
@@ -55,3 +59,24 @@ def test_missing_files_are_named_and_nothing_is_generated(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"{empty}/annotations/train.json" in last, last
     assert listing(empty) == ["annotations"]
+
+
+def test_only_the_demo_recipes_own_paths_are_generated(tmp_path, monkeypatch):
+    """The demo set goes to data/shapes/{annotations,train,val} only: a user's COCO files
+    elsewhere under data/shapes/ are read as they are, and a data/shapes/ holding them is
+    never filled with the demo set."""
+    monkeypatch.chdir(tmp_path)
+    generate_shapes(tmp_path / "source", num_train=2, num_val=1, image_size=64, seed=5)
+    mine = tmp_path / "data" / "shapes"
+    mine.mkdir(parents=True)
+    (tmp_path / "source/annotations").rename(mine / "anns")
+    (tmp_path / "source/train").rename(mine / "imgs")
+    before = listing(tmp_path)
+    assert len(ShapesDataset("data/shapes/anns/train.json", "data/shapes/imgs")) == 2
+    assert listing(tmp_path) == before
+    with pytest.raises(FileNotFoundError) as error:
+        ShapesDataset("data/shapes/annotations/train.json", "data/shapes/train")
+    assert str(error.value).startswith(
+        "data/shapes/annotations/train.json does not exist and data/shapes holds other files"
+    )
+    assert listing(tmp_path) == before

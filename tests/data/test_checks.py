@@ -8,10 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tests.models.conftest import lean_model_config
 from trainer.config import RecipeError, load_recipe
 from trainer.data import DATASETS, build_dataloader, build_dataset, collate
 from trainer.data.base import MAX_FAILURES_IN_A_ROW
 from trainer.data.coco import CocoDataset
+from trainer.models import build_detector
 
 
 def first_annotation(data: dict) -> dict:
@@ -352,3 +354,31 @@ def test_a_dataset_class_of_ones_own_needs_one_registration(monkeypatch, tmp_pat
     dataset = build_dataset(load_recipe(recipe).data.train)
     assert isinstance(dataset, Listed)
     assert dataset.names == ["a.png", "b.png"] and dataset.flip_prob == 0.5
+
+
+def test_boxes_without_area_never_reach_the_model(coco_copy):
+    """The model refuses boxes without area, as torchvision's does; the pipeline keeps them
+    from it, so such a set still trains: a zero-width annotation is left out
+    (``on_bad_annotation=skip``), and so are instances that large-scale jitter crops away."""
+    data, write = coco_copy
+    zero_width(data)
+    ann_file, img_dir = write(data)
+    cfg = load_recipe(
+        Path(__file__).parents[2] / "recipes" / "demo.yaml",
+        [
+            f"data.train.ann_file={ann_file}",
+            f"data.train.img_dir={img_dir}",
+            "data.train.type=CocoDataset",
+            # Scaled to twice a 32 px square, then cut to it: most instances are cut away.
+            "data.train.lsj_size=32",
+            "data.train.lsj_scale=[2.0,2.0]",
+            "data.on_bad_annotation=skip",
+        ],
+    ).data.train
+    dataset = build_dataset(cfg)
+    assert dataset.annotations.num_annotations == len(data["annotations"]) - 1
+    torch.manual_seed(0)
+    model = build_detector(lean_model_config(name="test_resnet"), num_classes=3).train()
+    for images, targets in build_dataloader(dataset, 4, 0, shuffle=True):
+        losses = model(images, targets)
+        assert all(torch.isfinite(v) for v in losses.values())

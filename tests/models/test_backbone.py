@@ -203,3 +203,23 @@ def test_normalization_comes_from_the_pretrained_config(name):
     model = build_detector(small_model_config(name=name), num_classes=2)
     assert model.pixel_mean.flatten().tolist() == pytest.approx(list(config.mean))
     assert model.pixel_std.flatten().tolist() == pytest.approx(list(config.std))
+
+
+def test_a_pretrained_tag_brings_its_own_normalization():
+    """``arch.tag`` takes that tag's config: mobilenetv3_large_100.miil_in21k was trained on
+    unnormalized [0, 1] inputs, the architecture's default weights on ImageNet's statistics."""
+    name = "mobilenetv3_large_100.miil_in21k"
+    config = timm.get_pretrained_cfg(name)
+    assert config.mean != timm.get_pretrained_cfg(name.split(".")[0]).mean
+    model = build_detector(small_model_config(name=name), num_classes=2)
+    assert model.pixel_mean.flatten().tolist() == pytest.approx(list(config.mean))
+    assert model.pixel_std.flatten().tolist() == pytest.approx(list(config.std))
+
+
+def test_fixed_input_size_comes_from_the_pretrained_config():
+    """Without img_size, a model that takes one size only is padded to its pretrained
+    config's input size (160 px for test_maxvit, not timm's 224 fallback)."""
+    config = timm.get_pretrained_cfg("test_maxvit")
+    assert config.fixed_input_size and tuple(config.input_size[1:]) != (224, 224)
+    backbone = TimmBackbone("test_maxvit", pretrained=False)
+    assert backbone.fixed_size == tuple(config.input_size[1:])

@@ -128,15 +128,28 @@ def test_tiny_and_image_sized_boxes(small_model):
             r"invalid box \[10.0, 10.0, 10.0, 20.0\] for target at index 1",
         ),
         ({"boxes": torch.tensor([[10.0, 30, 20, 20]])}, "positive height and width.*index 1"),
+        (  # the second box of the target is the one named
+            {
+                "boxes": torch.tensor([[5.0, 5, 15, 15], [10, 10, 10, 20]]),
+                "labels": torch.tensor([2, 2]),
+                "masks": torch.zeros(2, 48, 64, dtype=torch.uint8),
+            },
+            r"invalid box \[10.0, 10.0, 10.0, 20.0\] for target at index 1",
+        ),
+        (
+            {"boxes": torch.tensor([[10.0, 10, float("nan"), 20]])},
+            r"invalid box \[10.0, 10.0, nan, 20.0\] for target at index 1",
+        ),
         (
             {"boxes": torch.tensor([10.0, 10, 20, 20])},
             r"target 1: boxes must be a tensor of shape \[N, 4\], got \[4\]",
         ),
         ({"boxes": torch.tensor([[10, 10, 20, 20]])}, "target 1: boxes must be a float tensor"),
         ({"labels": torch.tensor([1, 2])}, r"target 1: labels must have shape \[1\], got \[2\]"),
+        ({"labels": torch.tensor([2.0])}, "target 1: labels must be an int64 tensor"),
         (
             {"masks": torch.zeros(1, 32, 32, dtype=torch.uint8)},
-            r"target 1: masks must be \[N, H, W\]",
+            r"target 1: masks must be \[N, H, W\] = \[1, 48, 64\], got \[1, 32, 32\]",
         ),
     ],
 )

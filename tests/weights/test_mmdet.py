@@ -55,6 +55,10 @@ def test_mmdet_checkpoint_loads_with_background_first(tmp_path, version):
 
     weights = read_weights(path)
     assert weights.format == "mmdet" and weights.classes == COCO_CLASSES
+    # COCO's category ids, with their gaps: "person" 1, "toothbrush" 90.
+    assert (
+        weights.model_classes.label_to_cat[1] == 1 and weights.model_classes.label_to_cat[80] == 90
+    )
     model = build_detector(load_recipe(RECIPE).model)
     missing, unexpected = model.load_state_dict(weights.state_dict, strict=False)
     assert missing == [] and all(k.endswith("num_batches_tracked") for k in unexpected)

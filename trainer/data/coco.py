@@ -164,29 +164,41 @@ DEMO_ROOT = Path("data/shapes")
 
 
 class ShapesDataset(CocoDataset):
-    """The synthetic demo set, generated on first use when the annotation file is the demo
-    recipe's own (under ``data/shapes/``). Any other files are read as plain COCO: the demo
-    recipe with a user's paths trains on the user's data, and nothing is written beside it."""
+    """The synthetic demo set, generated on first use when ``ann_file`` and ``img_dir`` are
+    the demo recipe's own (``data/shapes/annotations/train.json`` and ``data/shapes/train``,
+    or val). Any other files are read as plain COCO: the demo recipe with a user's paths
+    trains on the user's data, and nothing is written beside it."""
 
     def __init__(
         self, ann_file: str, img_dir: str, transforms=None, filter_empty: bool = False, **kwargs
     ):
-        generate_if_demo(ann_file)
+        generate_if_demo(ann_file, img_dir)
         super().__init__(ann_file, img_dir, transforms, filter_empty, **kwargs)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, train: bool = True) -> ShapesDataset:
         """As :meth:`CocoDataset.from_config`, generating the demo files first when missing."""
-        generate_if_demo(cfg.ann_file)
+        generate_if_demo(cfg.ann_file, cfg.img_dir)
         return super().from_config(cfg, train)
 
 
-def generate_if_demo(ann_file: str | Path) -> None:
-    """Generate the demo set when ``ann_file`` lies in its folder, ``data/shapes/``."""
+def generate_if_demo(ann_file: str | Path, img_dir: str | Path) -> None:
+    """Generate the demo set into ``data/shapes/`` when ``ann_file`` and ``img_dir`` are a
+    split of its layout there; any other paths are left alone."""
     # Imported here: `python -m trainer.data.shapes` runs that module as __main__, and an
     # import of it by this package first would make runpy warn.
-    from trainer.data.shapes import ensure_shapes
+    from trainer.data.shapes import SPLITS, ensure_shapes
 
-    root = Path(ann_file).parent.parent
-    if root.resolve() == DEMO_ROOT.resolve():
-        ensure_shapes(root)
+    paths = (Path(ann_file).resolve(), Path(img_dir).resolve())
+    root = DEMO_ROOT.resolve()
+    if paths not in [(root / "annotations" / f"{s}.json", root / s) for s in SPLITS]:
+        return
+    try:
+        ensure_shapes(DEMO_ROOT)
+    except FileExistsError:
+        # A folder of other files where the demo set goes: say so in one line.
+        raise FileNotFoundError(
+            f"{DEMO_ROOT / 'annotations' / 'train.json'} does not exist and {DEMO_ROOT} holds "
+            "other files, so the demo set is not generated there; empty that folder, or "
+            "point data.train / data.val at your own COCO files."
+        ) from None

@@ -71,16 +71,20 @@ def _key(name: str) -> str:
 
 def move_stride_to_1x1(model: nn.Module, name: str) -> None:
     """Downsample in each strided ResNet bottleneck's first 1x1 conv instead of its 3x3
-    (MSRA / Caffe2 ResNets: detectron2's ``STRIDE_IN_1X1``). Same parameters, other maps."""
-    moved = 0
-    for block in model.modules():
-        conv1, conv2 = getattr(block, "conv1", None), getattr(block, "conv2", None)
-        is_bottleneck = hasattr(block, "conv3") and isinstance(conv1, nn.Conv2d)
-        if is_bottleneck and isinstance(conv2, nn.Conv2d) and conv2.stride != (1, 1):
-            conv1.stride, conv2.stride = conv2.stride, (1, 1)
-            moved += 1
-    if moved == 0:
-        raise ValueError(f"stride_in_1x1: '{name}' has no strided ResNet bottleneck blocks.")
+    (MSRA / Caffe2 ResNets: detectron2's ``STRIDE_IN_1X1``). Same parameters, other maps.
+
+    Only timm's ResNet ``Bottleneck`` (conv1 1x1, conv2 3x3 with the stride, conv3 1x1);
+    a ValueError for any other model, and for anti-aliased ones (their stride is in ``aa``).
+    """
+    blocks = [m for m in model.modules() if isinstance(m, timm.models.resnet.Bottleneck)]
+    strided = [block for block in blocks if block.conv2.stride != (1, 1)]
+    if not strided:
+        raise ValueError(
+            f"stride_in_1x1: '{name}' is not a timm ResNet whose bottleneck blocks downsample "
+            "in their 3x3 conv (timm.models.resnet.Bottleneck)."
+        )
+    for block in strided:
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
 
 class TimmBackbone(nn.Module):

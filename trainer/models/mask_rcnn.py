@@ -30,10 +30,11 @@ def check_images(images: list[Tensor]) -> None:
 
 def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
     """Training targets as torchvision checks them: ``boxes`` float [N, 4] with x1 > x0 and
-    y1 > y0, ``labels`` [N], ``masks`` (when given) [N, H, W] of the image's size. One host
-    read per target, for the degenerate-box test."""
+    y1 > y0, ``labels`` int64 [N], ``masks`` (when given) [N, H, W] of the image's size.
+    One host read per batch, for the degenerate-box test."""
     if len(targets) != len(images):
         raise ValueError(f"{len(images)} images but {len(targets)} targets.")
+    degenerate = []
     for i, (image, target) in enumerate(zip(images, targets)):
         boxes = target.get("boxes")
         if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
@@ -45,19 +46,24 @@ def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> Non
         if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
             shape = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f"target {i}: labels must have shape [{len(boxes)}], got {shape}.")
+        # Float labels would be truncated silently when stacked into the int64 batch.
+        if labels.dtype != torch.int64:
+            raise ValueError(f"target {i}: labels must be an int64 tensor, got {labels.dtype}.")
         masks = target.get("masks")
-        if masks is not None and tuple(masks.shape) != (len(boxes), *image.shape[-2:]):
-            raise ValueError(
-                f"target {i}: masks must be [N, H, W] = {[len(boxes), *image.shape[-2:]]}, "
-                f"got {list(masks.shape)}."
-            )
-        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        if degenerate.any():
-            index = int(degenerate.nonzero()[0, 0])
-            raise ValueError(
-                "All bounding boxes should have positive height and width. Found invalid "
-                f"box {boxes[index].tolist()} for target at index {i}."
-            )
+        size = [len(boxes), *image.shape[-2:]]
+        if masks is not None and (not isinstance(masks, Tensor) or list(masks.shape) != size):
+            shape = list(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+            raise ValueError(f"target {i}: masks must be [N, H, W] = {size}, got {shape}.")
+        # Written as not (x1 > x0) so that a NaN coordinate counts as degenerate too.
+        degenerate.append(~(boxes[:, 2:] > boxes[:, :2]).all(dim=1))
+    if degenerate and torch.cat([d.to(degenerate[0].device) for d in degenerate]).any():
+        # The error path: find the first target and box to name.
+        i = next(i for i, d in enumerate(degenerate) if d.any())
+        box = targets[i]["boxes"][degenerate[i].nonzero()[0, 0]]
+        raise ValueError(
+            "All bounding boxes should have positive height and width. Found invalid "
+            f"box {box.tolist()} for target at index {i}."
+        )
 
 
 # Mask pasting: this project's exact paste, or torchvision's (for its weights' detections).

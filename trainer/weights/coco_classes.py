@@ -12,3 +12,8 @@ TORCHVISION_COCO_CLASSES: list[str] = list(
 
 # detectron2's and mmdetection's COCO models: the 80 used categories by ascending id.
 COCO_CLASSES: list[str] = [name for name in TORCHVISION_COCO_CLASSES if name != "N/A"]
+
+# COCO's category id of each of those 80 (what COCO-format results and pycocotools expect).
+COCO_CATEGORY_IDS: list[int] = [
+    index + 1 for index, name in enumerate(TORCHVISION_COCO_CLASSES) if name != "N/A"
+]

@@ -14,6 +14,7 @@ flipped here so that the model reads RGB like every other one of this project.
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import re
 from pathlib import Path
@@ -21,18 +22,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.weights.coco_classes import COCO_CLASSES
-from trainer.weights.source import SourceWeights
+from trainer.weights.classes import ModelClasses
+from trainer.weights.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from trainer.weights.source import SourceWeights, background_last_to_first
 
-# What a pickle of numpy arrays in dicts needs, and nothing that can run code.
+# What a pickle of numpy arrays in dicts needs, and nothing that can run code: numpy's
+# array and scalar rebuilders (numpy 1 and 2 module names; _frombuffer from pickle protocol
+# 5), _codecs.encode (bytes in protocols 0-2) and builtins that are data.
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+    *(("builtins", name) for name in ("set", "frozenset", "bytearray", "complex", "slice")),
 }
 
 # (detectron2 pattern, our replacement): the first match wins.
@@ -72,21 +80,32 @@ STEM = "backbone.body.conv1.weight"
 
 
 class _ArraysOnly(pickle.Unpickler):
+    def __init__(self, file, path: str | Path):
+        super().__init__(file, encoding="latin1")  # Python 2 pickles' str: bytes as text
+        self.path = path
+
     def find_class(self, module: str, name: str):
+        # Python 2 pickles name builtins "__builtin__"; the base class maps such names, so the
+        # check is on the mapped one.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        raise ValueError(
+            f"'{self.path}' is not a plain pickle of arrays: refused global {module}.{name} "
+            "(building it could run code)."
+        )
 
 
 def read_detectron2_pkl(path: str | Path) -> dict:
-    """A model-zoo ``.pkl`` -> its dict, numpy arrays and plain containers only."""
+    """A model-zoo ``.pkl`` -> its dict (``{"model": {name: np.ndarray}, ...}``), built
+    from numpy arrays and plain containers only; any other global is a ValueError naming
+    the file and the global, raised before it is looked up."""
     try:
         with open(path, "rb") as file:
-            data = _ArraysOnly(file, encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"'{path}' is not a plain pickle of arrays ({exc}): refused, it could run code."
-        ) from None
+            data = _ArraysOnly(file, path).load()
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise ValueError(f"'{path}' is not a readable pickle ({exc or 'truncated'}).") from None
     if not isinstance(data, dict):
         raise ValueError(f"'{path}' holds a {type(data).__name__}, not a dict of weights.")
     return data
@@ -113,15 +132,6 @@ def rename(key: str) -> str | None:
     return None
 
 
-def _class_rows(key: str, value: torch.Tensor) -> torch.Tensor:
-    """Background last -> first (classifier); a zero background block for box regression."""
-    if key.startswith("roi_heads.box_head.cls_score."):
-        return torch.cat([value[-1:], value[:-1]])
-    if key.startswith("roi_heads.box_head.bbox_pred."):
-        return torch.cat([torch.zeros_like(value[:4]), value])
-    return value
-
-
 def from_detectron2(checkpoint: dict, path: str) -> SourceWeights:
     """A detectron2 checkpoint (from a ``.pkl`` or a ``.pth``) -> SourceWeights."""
     state, unused = {}, []
@@ -130,10 +140,19 @@ def from_detectron2(checkpoint: dict, path: str) -> SourceWeights:
         if ours is None:
             unused.append(key)
             continue
+        # np.array copies: arrays from a pickle may be read-only views of its bytes.
         tensor = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
-        state[ours] = _class_rows(ours, torch.as_tensor(tensor))
+        state[ours] = torch.as_tensor(tensor)
+    if not state:
+        raise ValueError(
+            f"'{path}' has no detectron2 parameter names (its first keys: {unused[:3]}); "
+            "Caffe2 / Detectron1 pickles (res2_0_branch2a_w ...) are not read."
+        )
     if STEM in state:
         state[STEM] = state[STEM].flip(1)  # BGR -> RGB input channels
-    num_classes = state["roi_heads.box_head.cls_score.weight"].shape[0] - 1
+    num_classes = background_last_to_first(state, path)
     classes = list(COCO_CLASSES) if num_classes == len(COCO_CLASSES) else None
-    return SourceWeights(state, classes, "detectron2", path, unused)
+    weights = SourceWeights(state, classes, "detectron2", path, unused)
+    if classes == COCO_CLASSES:  # results then carry COCO's own category ids
+        weights.model_classes = ModelClasses(classes, list(COCO_CATEGORY_IDS))
+    return weights

@@ -5,19 +5,24 @@ A checkpoint is ``{"state_dict": ..., "meta": ...}``; the class names are in
 ``meta["CLASSES"]`` (2.x) or ``meta["dataset_meta"]["classes"]`` (3.x). mmdetection puts
 the background LAST in its classifier and has no background slot in its class-specific box
 regression: both are reordered into this project's layout (background first). Its ResNet is
-torchvision's ("pytorch" style), its anchors, RoI level mapping (finest scale 56 at P2 is
+torchvision's ("pytorch" style), its RoI level mapping (finest scale 56 at P2 is
 torchvision's 224 at P4) and box coding (stds 0.1, 0.1, 0.2, 0.2) are this project's.
+
+The RPN needs no reordering: mmdetection's ``AnchorGenerator`` (scales [8], ratios
+[0.5, 1, 2], strides 4..64) lays anchors out (y, x, ratio) with ratio = h / w, and its
+``RPNHead`` reads ``rpn_reg`` channels as ``permute(1, 2, 0).reshape(-1, 4)`` (channel
+a * 4 + coordinate) and ``rpn_cls`` as one sigmoid logit per anchor: this project's
+``RPNHead`` and ``AnchorGenerator`` order. Its anchors are not rounded to whole pixels
+(this project's, like torchvision's, are): proposals differ by a fraction of a pixel.
 """
 
 from __future__ import annotations
 
 import re
 
-import torch
-from torch import Tensor
-
-from trainer.weights.coco_classes import COCO_CLASSES
-from trainer.weights.source import SourceWeights
+from trainer.weights.classes import ModelClasses
+from trainer.weights.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from trainer.weights.source import SourceWeights, background_last_to_first
 
 # (mmdetection pattern, our replacement): the first match wins.
 NAME_TABLE: list[tuple[str, str]] = [
@@ -53,17 +58,9 @@ def rename(key: str) -> str | None:
     return None
 
 
-def background_first(key: str, value: Tensor) -> Tensor:
-    """Classifier: rows [c_1..c_K, background] -> [background, c_1..c_K]. Box regression:
-    K blocks of 4 -> a (zero, never used) background block, then the K blocks."""
-    if key.startswith("roi_heads.box_head.cls_score."):
-        return torch.cat([value[-1:], value[:-1]])
-    if key.startswith("roi_heads.box_head.bbox_pred."):
-        return torch.cat([torch.zeros_like(value[:4]), value])
-    return value
-
-
-def mmdet_classes(meta: dict, num_classes: int) -> list[str] | None:
+def mmdet_classes(meta: dict, num_classes: int | None) -> list[str] | None:
+    """Class names from ``meta`` (2.x "CLASSES", 3.x "dataset_meta"/"classes"), else COCO's
+    for an 80-class model, else None."""
     classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
     if classes is not None:
         return list(classes)
@@ -78,12 +75,17 @@ def from_mmdet(checkpoint: dict, path: str) -> SourceWeights:
         if ours is None:
             unused.append(key)
             continue
-        state[ours] = background_first(ours, value)
-    num_classes = state["roi_heads.box_head.cls_score.weight"].shape[0] - 1
+        state[ours] = value
+    if not state:
+        raise ValueError(f"'{path}' has no mmdetection Mask R-CNN parameter names.")
+    num_classes = background_last_to_first(state, path)
     classes = mmdet_classes(checkpoint.get("meta") or {}, num_classes)
-    if classes is not None and len(classes) != num_classes:
+    if classes is not None and num_classes is not None and len(classes) != num_classes:
         raise ValueError(
             f"'{path}' names {len(classes)} classes in its meta but its classifier has "
             f"{num_classes}."
         )
-    return SourceWeights(state, classes, "mmdet", path, unused)
+    weights = SourceWeights(state, classes, "mmdet", path, unused)
+    if classes == COCO_CLASSES:  # results then carry COCO's own category ids
+        weights.model_classes = ModelClasses(classes, list(COCO_CATEGORY_IDS))
+    return weights

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from trainer.weights.classes import ModelClasses
@@ -56,3 +57,40 @@ class SourceWeights:
     unused: list[str] = field(default_factory=list)
     recipe_yaml: str | None = None
     model_classes: ModelClasses | None = None
+
+
+def background_last_to_first(state: dict[str, Tensor], path: str) -> int | None:
+    """Reorder, in place, class-specific layers laid out background LAST (detectron2,
+    mmdetection) into this project's layout; return K, or None without a classifier.
+
+    Theirs, in our keys: ``cls_score`` K + 1 rows [c_1..c_K, background]; ``bbox_pred``
+    4 K rows (no background block), or 4 when class-agnostic; ``mask_head.predictor`` K
+    rows, or 1 when class-agnostic. Class-agnostic layers become K identical blocks, which
+    predict the same. Another row count is a ValueError naming ``path`` and the key.
+    """
+    classifier = state.get("roi_heads.box_head.cls_score.weight")
+    if classifier is None:
+        return None
+    num_classes = classifier.shape[0] - 1
+    for kind in ("weight", "bias"):
+        key = f"roi_heads.box_head.cls_score.{kind}"
+        if key in state:
+            state[key] = torch.cat([state[key][-1:], state[key][:-1]])
+        for key, per_class in (
+            (f"roi_heads.box_head.bbox_pred.{kind}", 4),
+            (f"roi_heads.mask_head.predictor.{kind}", 1),
+        ):
+            if key not in state:
+                continue
+            value = state[key]
+            if value.shape[0] == per_class and num_classes > 1:
+                value = value.repeat(num_classes, *[1] * (value.dim() - 1))
+            if value.shape[0] != per_class * num_classes:
+                raise ValueError(
+                    f"'{path}': {key} has {value.shape[0]} rows; its classifier's {num_classes} "
+                    f"classes need {per_class} x {num_classes} (or {per_class}, class-agnostic)."
+                )
+            if key.startswith("roi_heads.box_head.bbox_pred."):
+                value = torch.cat([torch.zeros_like(value[:4]), value])  # never used
+            state[key] = value
+    return num_classes
