@@ -2,6 +2,7 @@
 
 import os
 import pickle
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from torchvision.models import resnet50
 
 from trainer.config import load_recipe
 from trainer.models import build_detector
+from trainer.models.backbone import TimmBackbone
 from trainer.weights.coco_classes import COCO_CLASSES
 from trainer.weights.detectron2 import read_detectron2_pkl
 from trainer.weights.read import read_weights
@@ -160,7 +162,34 @@ def test_stride_in_1x1_matches_an_msra_bottleneck(model_zoo_pkl):
     torch.testing.assert_close(features[1], x, atol=1e-3, rtol=1e-3)
 
 
-def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+def test_a_detection_checkpointer_pth_reads_as_the_pickle(model_zoo_pkl, tmp_path):
+    """``DetectionCheckpointer`` saves tensors with torch.save, beside optimizer state."""
+    pkl, state = model_zoo_pkl
+    path = tmp_path / "model_final.pth"
+    tensors = {name: torch.from_numpy(array) for name, array in state.items()}
+    torch.save({"model": tensors, "iteration": 269999, "optimizer": {"state": {}}}, path)
+    from_pth, from_pkl = read_weights(path), read_weights(pkl)
+    assert from_pth.format == "detectron2" and from_pth.classes == COCO_CLASSES
+    assert from_pth.state_dict.keys() == from_pkl.state_dict.keys()
+    assert all(torch.equal(from_pth.state_dict[k], v) for k, v in from_pkl.state_dict.items())
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_arrays_and_containers_read_at_every_pickle_protocol(tmp_path, protocol):
+    """Protocols 0-2 carry bytes through _codecs.encode and name builtins "__builtin__";
+    protocol 5 rebuilds arrays with numpy's _frombuffer."""
+    model = OrderedDict(w=np.arange(6, dtype=np.float32).reshape(2, 3), n=np.int64(7))
+    data = {"model": model, "__author__": "Detectron2 Model Zoo", "tags": {"a"}, "raw": b"\x00"}
+    path = tmp_path / "zoo.pkl"
+    path.write_bytes(pickle.dumps(data, protocol=protocol))
+    read = read_detectron2_pkl(path)
+    assert isinstance(read["model"], OrderedDict) and read["tags"] == {"a"}
+    assert read["raw"] == b"\x00" and read["model"]["n"] == 7
+    np.testing.assert_array_equal(read["model"]["w"], model["w"])
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, protocol):
     marker = tmp_path / "ran"
 
     class Payload:
@@ -168,7 +197,19 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps({"model": Payload()}))
-    with pytest.raises(ValueError, match="refused global .*system"):
+    path.write_bytes(pickle.dumps({"model": Payload()}, protocol=protocol))
+    with pytest.raises(ValueError, match=r"evil\.pkl.*refused global (posix|nt|os)\.system"):
         read_detectron2_pkl(path)
     assert not marker.exists()
+
+
+def test_a_caffe2_pickle_is_named_not_read(tmp_path):
+    path = tmp_path / "R-50.pkl"
+    path.write_bytes(pickle.dumps({"blobs": {"res2_0_branch2a_w": np.zeros(1)}}))
+    with pytest.raises(ValueError, match="R-50.pkl.*no detectron2 parameter names"):
+        read_weights(path)
+
+
+def test_stride_in_1x1_is_refused_for_a_model_without_resnet_bottlenecks():
+    with pytest.raises(ValueError, match="stride_in_1x1: 'test_efficientnet' is not a timm ResNet"):
+        TimmBackbone("test_efficientnet", pretrained=False, stride_in_1x1=True)

@@ -45,13 +45,18 @@ def mmdet_state_dict(num_classes: int = 80) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("version", ["2.x", "3.x"])
 def test_mmdet_checkpoint_loads_with_background_first(tmp_path, version):
     state = mmdet_state_dict()
-    meta = (
-        {"CLASSES": tuple(COCO_CLASSES)}
-        if version == "2.x"
-        else {"dataset_meta": {"classes": tuple(COCO_CLASSES)}}
-    )
+    # What publish_model.py keeps: "meta" and "state_dict"; 2.x files are in torch's
+    # legacy (non-zip) serialization.
+    if version == "2.x":
+        meta = {"mmdet_version": "2.0.0", "config": "model = dict(...)"}
+        meta["CLASSES"] = tuple(COCO_CLASSES)
+    else:
+        palette = [(220, 20, 60)] * 80
+        meta = {"dataset_meta": {"classes": tuple(COCO_CLASSES), "palette": palette}}
     path = tmp_path / "mask_rcnn_r50_fpn_1x_coco.pth"
-    torch.save({"meta": meta, "state_dict": state}, path)
+    torch.save(
+        {"meta": meta, "state_dict": state}, path, _use_new_zipfile_serialization=version == "3.x"
+    )
 
     weights = read_weights(path)
     assert weights.format == "mmdet" and weights.classes == COCO_CLASSES
@@ -89,3 +94,44 @@ def test_mmdet_checkpoint_without_class_names(tmp_path):
     weights = read_weights(path)
     assert weights.classes is None
     assert weights.state_dict["roi_heads.box_head.cls_score.weight"].shape[0] == 4
+
+
+def test_class_agnostic_heads_become_identical_class_blocks(tmp_path):
+    """reg_class_agnostic=True (fc_reg: 4 rows) and class_agnostic masks (conv_logits: 1
+    row): every class gets the same rows, so the predictions are the same."""
+    state = mmdet_state_dict(num_classes=3)
+    state["roi_head.bbox_head.fc_reg.weight"] = torch.randn(4, 1024)
+    state["roi_head.bbox_head.fc_reg.bias"] = torch.randn(4)
+    state["roi_head.mask_head.conv_logits.weight"] = torch.randn(1, 256, 1, 1)
+    state["roi_head.mask_head.conv_logits.bias"] = torch.randn(1)
+    path = tmp_path / "agnostic.pth"
+    torch.save({"meta": {"CLASSES": ("a", "b", "c")}, "state_dict": state}, path)
+    weights = read_weights(path).state_dict
+    reg = weights["roi_heads.box_head.bbox_pred.weight"]
+    assert reg.shape == (16, 1024) and not reg[:4].any()
+    for k in range(1, 4):
+        assert torch.equal(reg[4 * k : 4 * k + 4], state["roi_head.bbox_head.fc_reg.weight"])
+    masks = weights["roi_heads.mask_head.predictor.bias"]
+    assert torch.equal(masks, state["roi_head.mask_head.conv_logits.bias"].repeat(3))
+
+
+def test_box_regression_of_another_class_count_is_named(tmp_path):
+    state = mmdet_state_dict(num_classes=3)
+    state["roi_head.bbox_head.fc_reg.weight"] = torch.randn(8, 1024)
+    path = tmp_path / "odd.pth"
+    torch.save({"meta": {}, "state_dict": state}, path)
+    with pytest.raises(ValueError, match=r"odd\.pth.*bbox_pred\.weight has 8 rows"):
+        read_weights(path)
+
+
+class HistoryBuffer:
+    """Stands for mmengine's logging buffer, which 3.x training checkpoints pickle."""
+
+
+def test_a_training_checkpoint_with_code_objects_is_refused_by_name(tmp_path):
+    path = tmp_path / "epoch_12.pth"
+    torch.save(
+        {"meta": {}, "state_dict": mmdet_state_dict(3), "message_hub": HistoryBuffer()}, path
+    )
+    with pytest.raises(ValueError, match=r"epoch_12\.pth.*it holds \S*HistoryBuffer"):
+        read_weights(path)

@@ -82,13 +82,23 @@ def read_weights(source: str | Path, format: str | None = None) -> SourceWeights
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(
-            f"cannot read '{path}' as a weights-only torch file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Files that need code to "
-            "unpickle are refused: save a plain state dict (model.state_dict())."
+            f"cannot read '{path}' as a weights-only torch file ({_load_failure(exc)}). Files "
+            "that need code to unpickle are refused: save a plain state dict "
+            "(model.state_dict()); for an mmdetection training checkpoint, keep its "
+            '"state_dict" and "meta" (its tools/model_converters/publish_model.py).'
         ) from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a state dict.")
     return from_checkpoint_dict(checkpoint, str(path), format)
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words: the global it refused
+    (e.g. an mmengine ``HistoryBuffer`` in a training checkpoint) when that was the cause."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if refused:
+        return f"it holds {refused.group(1)}, which is not plain data"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def from_checkpoint_dict(checkpoint: dict, path: str, format: str | None = None) -> SourceWeights:
