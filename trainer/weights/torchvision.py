@@ -73,6 +73,11 @@ def from_torchvision(checkpoint: dict, path: str) -> SourceWeights:
         if key.startswith(MASK_LOGITS):
             value = value[1:]  # no background row here
         state[ours] = value
+    if "roi_heads.box_head.cls_score.weight" not in state:
+        raise ValueError(
+            f"'{path}' is not a torchvision Mask R-CNN state dict: it has no "
+            f"roi_heads.box_predictor.cls_score.weight (its first keys: {unused[:3]})."
+        )
     outputs = state["roi_heads.box_head.cls_score.weight"].shape[0]
     classes = list(TORCHVISION_COCO_CLASSES) if outputs == 91 else None
     return SourceWeights(state, classes, "torchvision", path, unused)
