@@ -8,23 +8,26 @@ import sys
 from collections.abc import Callable
 
 
-def fail(exc: Exception, code: int) -> None:
-    """Print ``error: <exc>`` (once: only local rank 0 under ``accelerate launch``), exit."""
+def fail(exc: Exception, code: int, prefix: str = "error") -> None:
+    """Print ``<prefix>: <exc>`` (once: only local rank 0 under ``accelerate launch``), exit."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
     sys.exit(code)
 
 
 def run_main(main: Callable[[], object], errors: tuple[type[Exception], ...] = ()) -> None:
     """Call ``main``. Errors the user can fix (a recipe value, a missing file, a checkpoint
     that does not fit, images too large for the backbone, or one of ``errors``) exit with
-    status 2; a training run stopped by non-finite losses exits with status 1."""
+    status 2; a training run stopped by non-finite losses exits with status 1, and one
+    stopped by SIGTERM / SIGUSR1 after its checkpoint with status 75 (see
+    trainer/engine/preemption.py)."""
     try:
         main()
     except Exception as exc:
         # Imported only now: `--help` stays quick, and main() has imported them already.
         from trainer.config import RecipeError
         from trainer.engine.checkpoint import CheckpointError
+        from trainer.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
         from trainer.engine.runner import NonFiniteLossError
         from trainer.models.backbone import InputSizeError
 
@@ -33,4 +36,6 @@ def run_main(main: Callable[[], object], errors: tuple[type[Exception], ...] = (
             fail(exc, 2)
         if isinstance(exc, NonFiniteLossError):
             fail(exc, 1)
+        if isinstance(exc, Preempted):
+            fail(exc, PREEMPTED_EXIT_CODE, prefix="stopped")
         raise

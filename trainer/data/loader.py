@@ -82,6 +82,13 @@ class GroupedBatchSampler(BatchSampler):
             yield rest[start : start + self.batch_size]
 
 
+def _worker_init(worker_id: int) -> None:
+    # Imported here: the engine imports this package.
+    from trainer.engine.preemption import keep_worker_through_stop_signals
+
+    keep_worker_through_stop_signals()
+
+
 def build_dataloader(
     dataset: Dataset,
     imgs_per_gpu: int,
@@ -104,6 +111,7 @@ def build_dataloader(
         collate_fn=collate,
         generator=generator,
         persistent_workers=workers_per_gpu > 0,
+        worker_init_fn=_worker_init,
     )
     groups = getattr(dataset, "aspect_groups", None)
     if shuffle and group_by_aspect_ratio and groups is not None:

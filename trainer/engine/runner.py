@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from trainer.engine.checkpoint import (
     save_checkpoint,
 )
 from trainer.engine.logging import MetricsLog, get_logger
+from trainer.engine.preemption import Preempted, StopRequest
 from trainer.engine.state import TrainState
 from trainer.engine.trackers import has_trackers, log_images
 from trainer.engine.val_phase import draw_predictions, validate
@@ -120,6 +122,29 @@ class LossSums:
             self.sums[name] = self.sums.get(name, 0.0) + kept
         self.finite_batches += finite.float()
 
+    def to_dict(self) -> dict:
+        """{"sums": {loss name: float}, "finite_batches": float}: exact, float32 in a double."""
+        sums = {name: value.item() for name, value in self.sums.items()}
+        return {"sums": sums, "finite_batches": self.finite_batches.item()}
+
+    @classmethod
+    def restored(cls, saved: list[dict] | None, accelerator: Accelerator) -> LossSums:
+        """This process' sums from a checkpoint's ``interval_losses`` (one per process). With
+        another number of processes the first takes them all: the log sums over processes."""
+        sums = cls(accelerator.device)
+        if not saved:
+            return sums
+        if len(saved) == accelerator.num_processes:
+            mine = [saved[accelerator.process_index]]
+        else:
+            mine = saved if accelerator.is_main_process else []
+        for entry in mine:
+            for name, value in entry["sums"].items():
+                value = torch.tensor(value, dtype=torch.float32, device=accelerator.device)
+                sums.sums[name] = sums.sums.get(name, 0.0) + value
+            sums.finite_batches += entry["finite_batches"]
+        return sums
+
 
 def _format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
@@ -146,7 +171,11 @@ class Runner:
         self.state = state
         self.logger = get_logger()
         self.metrics_log = MetricsLog(settings.work_dir, parts.accelerator)
+        # Losses since the last train log line (a resumed run continues the saved interval).
+        self.interval = LossSums.restored(state.interval_losses, parts.accelerator)
         self.stop = False
+        self.stop_request = StopRequest()  # installed while run() runs
+        self.stop_signalled = False  # on any process, as agreed after the last update
         self.last_metrics: dict[str, float] = {}
         self.nonfinite_streak = 0
         steps = self.accelerator.gradient_accumulation_steps
@@ -167,7 +196,7 @@ class Runner:
             self.logger.info("all %d epochs are done already; nothing to train", start_epoch)
             return {}
         trained = 0
-        with logging_redirect_tqdm(loggers=[self.logger]):
+        with self.stop_request, logging_redirect_tqdm(loggers=[self.logger]):
             while trained < settings.total_epochs and not self.stop:
                 for phase, epochs in settings.workflow:
                     for _ in range(epochs):
@@ -200,7 +229,6 @@ class Runner:
         )
         device = accelerator.device
         window_finite = torch.ones((), dtype=torch.bool, device=device)
-        logged = LossSums(device)  # since the last train log line
         for images, targets in self._remaining_batches():
             with accelerator.accumulate(self.model):
                 with accelerator.autocast():
@@ -209,38 +237,52 @@ class Runner:
                 accelerator.backward(loss)
                 finite = torch.isfinite(loss)
                 window_finite &= finite
-                logged.add(losses, finite)
+                self.interval.add(losses, finite)
                 state.epoch_batches += 1
                 bar.update(1)
                 if not accelerator.sync_gradients:
                     continue
                 self._optimizer_step(window_finite)
                 window_finite = torch.ones((), dtype=torch.bool, device=device)
-            logged.updates += 1
+            self.interval.updates += 1
             end_of_epoch = state.epoch_batches >= len(loader)
             last = end_of_epoch or bool(settings.max_iters and state.iter >= settings.max_iters)
             interval = settings.checkpoint_interval_iters
             save = not last and bool(interval) and state.iter % interval == 0
             # Also at a checkpoint, so that a run resumed from it averages the same intervals.
             if state.iter % settings.log_interval == 0 or last or save:
-                self._log_train(logged, bar)
-                logged = LossSums(device)
+                self._log_train(self.interval, bar)
+                self.interval = LossSums(device)
             if settings.val_interval_iters and state.iter % settings.val_interval_iters == 0:
                 self.val_phase()
             if last:
                 break
-            if save:
+            if save or self.stop_signalled:
                 self.checkpoint(f"iter_{state.iter}")
+            if self.stop_signalled:
+                bar.close()
+                self._stop_on_signal(f"iter_{state.iter}")
         bar.close()
         if state.epoch_batches >= len(loader):
             state.epoch += 1
             state.epoch_batches = 0
             self.logger.info("epoch %d done (iter %d)", state.epoch, state.iter)
-            self.checkpoint(f"epoch_{state.epoch}")
+            name = f"epoch_{state.epoch}"
             self.stop = bool(settings.max_iters and state.iter >= settings.max_iters)
         else:  # stopped by max_iters inside the epoch: resumable from here
+            name = f"iter_{state.iter}"
             self.stop = True
-            self.checkpoint(f"iter_{state.iter}")
+        self.checkpoint(name)
+        if self.stop_signalled:
+            self._stop_on_signal(name)
+
+    def _stop_on_signal(self, checkpoint: str) -> None:
+        """After the checkpoint of the iteration in which a stop signal came (on any process)."""
+        name = self.stop_request.signal_name or "a stop signal to another process"
+        self.logger.warning(
+            "%s: stopped after iter %d, saved as %s", name, self.state.iter, checkpoint
+        )
+        raise Preempted(name, checkpoint)
 
     def _remaining_batches(self):
         """The training loader at this epoch, past the batches a resumed run has done."""
@@ -258,8 +300,12 @@ class Runner:
         """Optimizer, lr and EMA step after the last batch of an accumulation window, unless a
         loss in the window (on any process) was not finite."""
         accelerator, state = self.accelerator, self.state
-        # One host sync per update: whether to step must be known, the same on every process.
-        bad = accelerator.reduce((~window_finite).float(), "sum").item()
+        # One host sync per update: whether to step, and whether a process was asked to stop,
+        # must be known the same on every process.
+        signalled = torch.tensor(float(self.stop_request.requested), device=window_finite.device)
+        flags = torch.stack([(~window_finite).float(), signalled])
+        bad, signalled = accelerator.reduce(flags, "sum").tolist()
+        self.stop_signalled = signalled > 0
         if bad == 0:
             self.nonfinite_streak = 0
             if self.settings.grad_clip:
@@ -387,7 +433,7 @@ class Runner:
             self.accelerator,
             self.settings.work_dir,
             name,
-            self.state.to_dict(),
+            {**self.state.to_dict(), "interval_losses": gather_object([self.interval.to_dict()])},
             ema_model=ema_module,
             keep_last=self.settings.keep_last,
             model_files=self.settings.model_files(),

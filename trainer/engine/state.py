@@ -10,13 +10,17 @@ from dataclasses import dataclass
 class TrainState:
     """Where the run is; saved in every checkpoint. ``epoch``: completed training epochs;
     ``iter``: updates so far; ``epoch_batches``: batches (per process) consumed in the current
-    epoch; ``best``: best val metric so far (``best_metric`` names it)."""
+    epoch; ``best``: best val metric so far (``best_metric`` names it); ``interval_losses``:
+    per process, the loss sums of the log interval in progress (only a checkpoint taken on a
+    stop signal, between two log lines, has any), so that a resumed run logs what an
+    uninterrupted one would."""
 
     epoch: int = 0
     iter: int = 0
     epoch_batches: int = 0
     best: float = -math.inf
     best_metric: str = ""
+    interval_losses: list[dict] | None = None
 
     def to_dict(self) -> dict:
         best = None if math.isinf(self.best) else self.best
@@ -26,6 +30,7 @@ class TrainState:
             "epoch_batches": self.epoch_batches,
             "best": best,
             "best_metric": self.best_metric,
+            "interval_losses": self.interval_losses,
         }
 
     @classmethod
@@ -37,4 +42,5 @@ class TrainState:
             epoch_batches=state.get("epoch_batches", 0),
             best=-math.inf if best is None else best,
             best_metric=state.get("best_metric", ""),
+            interval_losses=state.get("interval_losses"),
         )
