@@ -18,15 +18,16 @@ def fail(exc: Exception, code: int, prefix: str = "error") -> None:
 def run_main(main: Callable[[], object], errors: tuple[type[Exception], ...] = ()) -> None:
     """Call ``main``. Errors the user can fix (a recipe value, a missing file, a checkpoint
     that does not fit, images too large for the backbone, or one of ``errors``) exit with
-    status 2; a training run stopped by non-finite losses exits with status 1, and one
-    stopped by SIGTERM / SIGUSR1 after its checkpoint with status 75 (see
-    trainer/engine/preemption.py)."""
+    status 2; a training run stopped by non-finite losses or by another process that did not
+    answer in time exits with status 1, and one stopped by SIGTERM / SIGUSR1 after its
+    checkpoint with status 75 (see trainer/engine/preemption.py)."""
     try:
         main()
     except Exception as exc:
         # Imported only now: `--help` stays quick, and main() has imported them already.
         from trainer.config import RecipeError
         from trainer.engine.checkpoint import CheckpointError
+        from trainer.engine.collective_timeout import CollectiveTimeoutError
         from trainer.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
         from trainer.engine.runner import NonFiniteLossError
         from trainer.models.backbone import InputSizeError
@@ -34,7 +35,7 @@ def run_main(main: Callable[[], object], errors: tuple[type[Exception], ...] = (
         user_errors = (RecipeError, CheckpointError, InputSizeError, FileNotFoundError)
         if isinstance(exc, (*user_errors, *errors)):
             fail(exc, 2)
-        if isinstance(exc, NonFiniteLossError):
+        if isinstance(exc, NonFiniteLossError | CollectiveTimeoutError):
             fail(exc, 1)
         if isinstance(exc, Preempted):
             fail(exc, PREEMPTED_EXIT_CODE, prefix="stopped")

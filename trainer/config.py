@@ -305,6 +305,10 @@ class Recipe:
     # each new image size are slow while it compiles). See benchmarks/README.md for its effect.
     compile: bool = False
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    # Seconds a process waits for the others at a collective (gradient sync, checkpoint)
+    # before it stops with an error: a process that stalls or dies then ends the run (and,
+    # under `accelerate launch --max_restarts N`, restarts it) instead of hanging it.
+    dist_timeout: int = checked(1800, at_least(1))
     # accelerate trackers: wandb, tensorboard, ...
     trackers: list[str] = checked(
         [], Rule(lambda v: set(v) <= set(TRACKERS), f"a list of names among {list(TRACKERS)}")

@@ -78,3 +78,13 @@ def read_records(work_dir: Path) -> list[dict]:
 
 def without_timing(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "time_per_iter"}
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1, for a process group's rendezvous (tests running at
+    the same time must not share one)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -15,6 +15,7 @@ and optimizer step are in :meth:`Runner.train_epoch` and :meth:`Runner._optimize
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +26,7 @@ from torch.utils.data import RandomSampler
 
 from trainer.config import RecipeError, to_dict
 from trainer.data import build_dataloader
+from trainer.engine import collective_timeout
 from trainer.engine.accelerator import build_accelerator
 from trainer.engine.checkpoint import (
     CheckpointError,
@@ -58,8 +60,9 @@ def train_detector(
     accelerator = accelerator or build_accelerator(cfg)
     check_sync_bn(model, accelerator)
     check_same_classes(datasets)
+    resume = resume_setting(cfg.resume)
     if cfg.load_from is not None:
-        if will_resume(cfg.resume, cfg.work_dir):
+        if will_resume(resume, cfg.work_dir):
             get_logger().info("load_from %s skipped: the run resumes", cfg.load_from)
         else:
             initialise_from(model, cfg.load_from, list(datasets["train"].CLASSES), accelerator)
@@ -81,7 +84,7 @@ def train_detector(
     if cfg.ema.enabled:
         unwrapped = accelerator.unwrap_model(model)
         ema = ModelEmaV3(unwrapped, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
-    state = restore(accelerator, optimizer, ema, cfg.resume, cfg.work_dir)
+    state = restore(accelerator, optimizer, ema, resume, cfg.work_dir)
     iters_per_epoch = math.ceil(len(loaders["train"]) / steps)
     # Not passed to prepare(): Accelerate would step it once per process per update, and the
     # schedule counts this run's updates already.
@@ -101,8 +104,20 @@ def train_detector(
     start_trackers(
         accelerator, list(cfg.trackers), cfg.project, flatten(to_dict(cfg)), cfg.work_dir
     )
+    runner = Runner(parts, settings, state)
     try:
-        return Runner(parts, settings, state).run()
+        return runner.run()
+    except Exception as exc:
+        if accelerator.num_processes > 1 and collective_timeout.is_collective_failure(exc):
+            latest = latest_checkpoint(cfg.work_dir)
+            raise collective_timeout.explain(
+                exc,
+                accelerator.process_index,
+                cfg.dist_timeout,
+                runner.state.iter,
+                latest.name if latest else None,
+            ) from exc
+        raise
     finally:
         accelerator.end_training()  # finishes the trackers
 
@@ -131,6 +146,18 @@ def check_same_classes(datasets: dict) -> None:
             f"{dict(zip(val.label_to_cat.values(), val.names))} (id: name). Give both "
             "annotation files the same categories, with the same ids."
         )
+
+
+def resume_setting(resume: str | None) -> str | None:
+    """The recipe's ``resume``, except in a process group restarted by torchrun's elastic
+    agent (``accelerate launch --max_restarts N``): that one continues from the latest
+    checkpoint, as ``resume=auto``."""
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        get_logger().info(
+            "restart %s of the process group: resume=auto", os.environ["TORCHELASTIC_RESTART_COUNT"]
+        )
+        return "auto"
+    return resume
 
 
 def will_resume(resume: str | None, work_dir: str) -> bool:
