@@ -7,9 +7,16 @@
 PATH may be a work_dir (its latest checkpoint), a checkpoint folder or a weights file. The
 recipe comes with the checkpoint (its ``config.yaml``) unless RECIPE is given; point the val
 set elsewhere with ``data.val.ann_file=... data.val.img_dir=...``.
-Writes DIR/metrics.json and DIR/predictions.json (COCO results format); DIR defaults to
-``<work_dir>/eval``. ``--per-class`` also prints AP and AP50 per class and adds them to
-metrics.json as ``{bbox,segm}/{AP,AP50}/<class name>``.
+Writes to DIR (default ``<work_dir>/eval``):
+
+- ``metrics.json``: the metrics logged. ``--per-class`` also prints AP and AP50 per class and
+  adds them as ``{bbox,segm}/{AP,AP50}/<class name>``.
+- ``bbox_predictions.json``, ``segm_predictions.json`` (COCO results format): the results each
+  task scored, boxes without masks and masks without boxes. Hand these to other tools: plain
+  pycocotools (``COCOeval(gt, gt.loadRes(file), iou_type)``) scores them to metrics.json.
+- ``predictions.json``: every result with both its box and its mask. Its segm size metrics
+  (APs, APm, APl) rescore differently: ``loadRes`` takes the area of a result with a box from
+  the box.
 """
 
 from __future__ import annotations
@@ -92,11 +99,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (out / "predictions.json").write_text(json.dumps(evaluator.results()))
+        written = evaluator.write_results(out)
         logger.info("\n%s", summary_table(metrics))
         if args.per_class:
             logger.info("per class:\n%s", per_class_table(metrics))
-        logger.info("wrote %s and %s", out / "metrics.json", out / "predictions.json")
+        names = ", ".join(path.name for path in written)
+        logger.info("wrote metrics.json, %s to %s", names, out)
     return metrics
 
 

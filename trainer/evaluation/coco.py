@@ -11,12 +11,19 @@ APs,APm,APl}``; on request also per class, ``{iou_type}/AP/{class}`` and
 As in pycocotools, a metric whose area range (or class) has no ground truth among the evaluated
 images is -1; it is passed through (not NaN, so metrics stay JSON-serialisable) and the tables
 show it as "-".
+
+:meth:`CocoEvaluator.write_results` writes the results scored for each iou type as
+``{bbox,segm}_predictions.json``: plain pycocotools (``COCO.loadRes`` + ``COCOeval``) scores
+each to exactly the metrics logged. ``predictions.json``, every result with its box and mask,
+scores the same for bbox but not for segm sizes: ``loadRes`` then takes box areas.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +33,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from trainer.evaluation.results import category_lookup, to_coco_results
+from trainer.evaluation.results import category_lookup, task_results, to_coco_results
 
 IOU_TYPES = ("bbox", "segm")
 # Names of COCOeval.stats[0:6], in order.
@@ -255,11 +262,10 @@ class CocoEvaluator:
         coco_gt = self._ground_truth()
         metrics = {}
         for iou_type in self.iou_types:
-            # loadRes writes into the dicts it gets, and takes the area of any result carrying a
-            # "bbox" from that box, so each iou type gets copies with only its own geometry
-            # (as detectron2 does); otherwise mask area ranges would use box areas.
-            drop = "segmentation" if iou_type == "bbox" else "bbox"
-            dets = [{k: v for k, v in result.items() if k != drop} for result in results]
+            # Each iou type is scored on copies with only its own geometry (as detectron2
+            # does): exactly what {iou_type}_predictions.json holds, so rescoring that file
+            # with plain pycocotools gives these numbers.
+            dets = task_results(results, iou_type)
             with contextlib.redirect_stdout(io.StringIO()):
                 coco_eval = cocoeval_cls(coco_gt, coco_gt.loadRes(dets), iou_type)
                 coco_eval.params.imgIds = sorted(per_image)
@@ -292,11 +298,30 @@ class CocoEvaluator:
                 metrics[f"{iou_type}/{metric}/{name}"] = float(valid.mean()) if valid.size else -1.0
         return metrics
 
-    def results(self) -> list[dict[str, Any]]:
-        """COCO result dicts, ready for predictions.json: after :meth:`evaluate` those of all
-        processes (every process holds them), before it this process' own."""
+    def results(self, iou_type: str | None = None) -> list[dict[str, Any]]:
+        """COCO result dicts: after :meth:`evaluate` those of all processes (every process
+        holds them), before it this process' own.
+
+        Without ``iou_type``, each result has its box and (for "segm") its mask, as
+        predictions.json holds them; with it, copies with only that task's geometry, the
+        results :meth:`evaluate` scored for it (see :func:`task_results`).
+        """
         per_image = self._gathered if self._gathered is not None else self._results
-        return [result for image_results in per_image.values() for result in image_results]
+        results = [result for image_results in per_image.values() for result in image_results]
+        return results if iou_type is None else task_results(results, iou_type)
+
+    def write_results(self, folder: str | Path) -> list[Path]:
+        """Write ``predictions.json`` (every result with its box and mask) and, per evaluated
+        iou type, ``{iou_type}_predictions.json`` (that task's results alone, which plain
+        ``COCO.loadRes`` + ``COCOeval`` score to the numbers of :meth:`evaluate`) into
+        ``folder``; returns their paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = {"predictions.json": self.results()}
+        written.update({f"{t}_predictions.json": self.results(t) for t in self.iou_types})
+        for name, results in written.items():
+            (folder / name).write_text(json.dumps(results))
+        return [folder / name for name in written]
 
     @property
     def predictions(self) -> list[dict[str, Any]]:

@@ -1,11 +1,13 @@
 """Model outputs -> COCO result dicts (bbox xywh, score, category id, RLE segmentation).
 
 Shared by the evaluator (which adds ``image_id``) and ``trainer.predict`` (which adds
-``file_name``), so ``predictions.json`` has one format everywhere.
+``file_name``), so ``predictions.json`` has one format everywhere. :func:`task_results` cuts
+such results down to what one COCO task scores, as ``{bbox,segm}_predictions.json`` hold them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -77,3 +79,22 @@ def to_coco_results(
         for result, rle in zip(results, encode_masks(masks), strict=True):
             result["segmentation"] = rle
     return results
+
+
+# The geometry each COCO task leaves out of its results.
+_OTHER_GEOMETRY = {"bbox": "segmentation", "segm": "bbox"}
+
+
+def task_results(results: Iterable[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """Copies of ``results`` with only the geometry that ``iou_type`` scores: no
+    ``segmentation`` for "bbox", no ``bbox`` for "segm".
+
+    ``COCO.loadRes`` takes a result's area from its ``bbox`` whenever one is there, so mask
+    results that keep their boxes fall into box-area size ranges (APs, APm, APl); without the
+    box it uses the mask area, as the segm task means. The copies also spare the caller's
+    dicts, which ``loadRes`` writes into.
+    """
+    if iou_type not in _OTHER_GEOMETRY:
+        raise ValueError(f"iou_type must be one of {tuple(_OTHER_GEOMETRY)}, got '{iou_type}'")
+    drop = _OTHER_GEOMETRY[iou_type]
+    return [{key: value for key, value in result.items() if key != drop} for result in results]

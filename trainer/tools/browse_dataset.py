@@ -1,12 +1,16 @@
 """Render a split's ground truth, as the model sees it, to PNG files.
 
     python -m trainer.tools.browse_dataset RECIPE [--split train|val] [--num N] [--out DIR]
-        [--seed S] [key=value ...]
+        [--seed S] [--no-labels] [key=value ...]
 
 Images pass through the split's transforms (for ``train``: multi-scale resize and random
 flips, drawn with ``--seed``), then their masks, boxes and class names are drawn. Writes
 ``DIR/<image id>_<file stem>.png`` for the first N images; DIR defaults to
 ``<work_dir>/browse_<split>``.
+
+Class names are written only for sets of more than one class, sized to their object, and
+left out where they would hide it (see :func:`trainer.visualize.draw_instances`);
+``--no-labels`` leaves them all out.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="seed of the random transforms (the recipe's seed shows its first training epoch)",
+    )
+    parser.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="draw masks and boxes only, no class names",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     args = parser.parse_intermixed_args(argv)
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             None,
             target["masks"].bool(),
             dataset.CLASSES,
+            show_names=False if args.no_labels else None,
         )
         path = out / f"{_name(dataset, target['image_id'])}.png"
         write_png(overlay, str(path))
