@@ -142,3 +142,20 @@ def test_tracker_names_are_accelerates():
 def test_a_recipe_that_is_not_a_mapping_is_named(tmp_path, text, holds):
     with pytest.raises(RecipeError, match=f"a recipe is a mapping of keys.*holds {holds}"):
         load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            "project: ${oc.env:TRAINER_UNSET_VARIABLE}",
+            "project: environment variable 'TRAINER_UNSET_VARIABLE' is not set.",
+        ),
+        ("project: ${optimizer.nope}", "project: Interpolation key 'optimizer.nope' not found."),
+    ],
+)
+def test_unresolvable_interpolation_is_one_line_naming_the_key(tmp_path, line, message):
+    recipe = write(tmp_path, line + DATA)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    assert str(error.value) == f"{recipe}: {message}"

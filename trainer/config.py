@@ -10,13 +10,21 @@ and the value.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from trainer.saved_recipe import saved_recipe, saved_recipe_yaml
 
 
 class RecipeError(ValueError):
@@ -353,7 +361,17 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig, source: str) -> Re
         return RecipeError(f"{source}: unknown recipe key '{key}'.{hint}")
     if isinstance(exc, ValidationError):
         return RecipeError(f"{source}: wrong type for key '{key}': {exc.msg.splitlines()[0]}.")
-    return RecipeError(f"{source}: {exc.msg.splitlines()[0] if exc.msg else exc}")
+    message = exc.msg.splitlines()[0] if exc.msg else str(exc)
+    if isinstance(exc, InterpolationResolutionError):
+        # e.g. "project: environment variable 'WANDB_ENTITY' is not set"
+        message = message.replace("KeyError raised while resolving interpolation: ", "")
+        message = re.sub(
+            r'"?Environment variable (\S+) not found"?',
+            r"environment variable \1 is not set",
+            message,
+        )
+        return RecipeError(f"{source}: {key or 'a value'}: {message}.")
+    return RecipeError(f"{source}: {message}")
 
 
 def _check_rules(node: DictConfig, source: str) -> None:
@@ -457,11 +475,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
 
 
 def save_recipe(cfg: DictConfig, path: str | Path) -> None:
-    """Write the resolved recipe as YAML (work_dir/config.yaml)."""
+    """Write the resolved recipe as YAML (work_dir/config.yaml); values taken from the
+    environment keep their ``${oc.env:...}`` text (see trainer/saved_recipe.py)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    Path(path).write_text(saved_recipe_yaml(cfg))
 
 
 def to_dict(cfg: DictConfig | ListConfig) -> Any:
-    """Plain Python containers, e.g. for trackers."""
-    return OmegaConf.to_container(cfg, resolve=True)
+    """Plain Python containers, e.g. for trackers: resolved, except values taken from the
+    environment (see trainer/saved_recipe.py)."""
+    return saved_recipe(cfg)

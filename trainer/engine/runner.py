@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -38,6 +38,7 @@ from trainer.engine.state import TrainState
 from trainer.engine.trackers import has_trackers, log_images
 from trainer.engine.val_phase import draw_predictions, validate
 from trainer.evaluation.coco import CocoEvaluator, summary_table
+from trainer.saved_recipe import saved_recipe_yaml
 from trainer.weights.classes import CLASSES_FILE, ModelClasses
 
 
@@ -80,7 +81,7 @@ class LoopSettings:
             grad_clip=cfg.optimizer.grad_clip,
             log_images=cfg.log_images,
             classes=classes,
-            recipe_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            recipe_yaml=saved_recipe_yaml(cfg),
         )
 
     def model_files(self) -> dict[str, str]:
