@@ -3,7 +3,9 @@ per sample, a lazily built COCO ground truth, and recovery from images that fail
 
 A subclass reads its source into :class:`~trainer.data.annotations.Annotations`, sets
 ``has_masks``, and implements the ``_read_image``, ``_image_file``, ``_segmentations`` and
-``_segmentation_problems`` hooks.
+``_segmentation_problems`` hooks (and ``_file_problems`` where images are named by paths).
+``_read_image`` decodes with :func:`~trainer.data.image_file.read_image`, the reader that
+evaluation and prediction share.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class DetectionDataset(Dataset):
             table,
             self._segmentation_problems(table) if self.has_masks else None,
             (lambda i: self._image_file(table, i)) if check_images else None,
+            self._file_problems(table),
         )
         table = apply_policy(table, found, on_bad_annotation, source, logger)
         if table.num_images == 0:
@@ -127,6 +130,10 @@ class DetectionDataset(Dataset):
     def _segmentations(self, rows: np.ndarray) -> list:
         """Segmentations (polygons or RLE dicts) of these annotation rows."""
         raise NotImplementedError
+
+    def _file_problems(self, table: Annotations) -> dict[int, str]:
+        """Image index -> what is wrong with its file name (those files are never opened)."""
+        return {}
 
     def _segmentation_problems(self, table: Annotations) -> dict[int, str]:
         """Annotation row -> what is wrong with its segmentation."""

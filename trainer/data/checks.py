@@ -2,7 +2,8 @@
 about them.
 
 Annotation checks run on the flat arrays of :class:`~trainer.data.annotations.Annotations`
-(vectorized); image checks read only each file's header with PIL (~30 us per image).
+(vectorized); image checks read only each file's header (~30 us per image), for its size as
+displayed, after its EXIF orientation, as annotations are drawn.
 ``on_bad_annotation="error"`` stops with one ValueError listing the problems;
 ``"skip"`` leaves out the bad annotations and images and logs how many.
 """
@@ -17,14 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from trainer.data.annotations import Annotations
+from trainer.data.image_file import SIDEWAYS, image_header
 
 POLICIES = ("error", "skip")
 MAX_LISTED = 20
 # Pixels a box may reach past the image border (rounding in annotation tools).
 BOX_TOLERANCE = 1.0
+# Longest image side: pycocotools draws polygons at 5x in 32-bit integers, and a stated size
+# bounds how far out polygon points may lie. Far above any photo, scan or aerial tile.
+MAX_IMAGE_SIDE = 1 << 24
 # Threads reading image headers: they wait on storage (network file systems), not on the CPU.
 HEADER_THREADS = 8
 
@@ -58,13 +62,16 @@ def find_problems(
     table: Annotations,
     segmentation_problems: dict[int, str] | None = None,
     open_image: Callable[[int], Any] | None = None,
+    file_problems: dict[int, str] | None = None,
 ) -> Findings:
     """Problems of ``table``. Each annotation or image is reported once, for the first check
     it fails.
 
     ``segmentation_problems`` maps annotation rows to what is wrong with their segmentation;
-    ``open_image(i)`` gives image ``i``'s path or binary file object, for header checks
-    (missing, unreadable, size different from the annotations); None skips them.
+    ``file_problems`` image indices to what is wrong with their file name (such files are
+    never opened); ``open_image(i)`` gives image ``i``'s path or binary file object, for
+    header checks (missing, unreadable, size different from the annotations); None skips
+    them.
     """
     found = Findings([], np.zeros(table.num_images, bool), np.zeros(table.num_annotations, bool))
 
@@ -96,6 +103,18 @@ def find_problems(
             else f"image size {widths[i]}x{heights[i]} (width x height) is not positive"
         ),
     )
+    image_problem(
+        (heights > MAX_IMAGE_SIDE) | (widths > MAX_IMAGE_SIDE),
+        "image too large",
+        lambda i: (
+            f"image size {widths[i]}x{heights[i]} (width x height) has a side over "
+            f"{MAX_IMAGE_SIDE} pixels"
+        ),
+    )
+    if file_problems:
+        at = np.zeros(table.num_images, bool)
+        at[list(file_problems)] = True
+        image_problem(at, "file outside the image folder", file_problems.__getitem__)
 
     ann_ids = table.ann_ids
     order = np.argsort(ann_ids, kind="stable")
@@ -120,7 +139,11 @@ def find_problems(
     annotation_problem(
         ~np.isfinite(boxes).all(1),
         "malformed box",
-        lambda r: "bbox must be 4 numbers [x, y, width, height]",
+        lambda r: (
+            "bbox must be 4 numbers [x, y, width, height]"
+            if np.isnan(boxes[r]).all()  # how a box of the wrong shape is read
+            else f"bbox {_box(boxes[r])} has a coordinate that is not a finite number"
+        ),
     )
     annotation_problem(
         (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0),
@@ -141,11 +164,13 @@ def find_problems(
     if segmentation_problems:
         rows = np.zeros(table.num_annotations, bool)
         rows[list(segmentation_problems)] = True
+        rows &= ~found.bad_images[image]  # judged against a size that is not known
         annotation_problem(rows, "bad segmentation", segmentation_problems.__getitem__)
 
     if open_image is not None:
         by_kind: dict[str, dict[int, str]] = {}
-        for kind, detail, index in _image_header_problems(open_image, heights, widths):
+        unchecked = np.flatnonzero(~found.bad_images)
+        for kind, detail, index in _image_header_problems(open_image, unchecked, heights, widths):
             by_kind.setdefault(kind, {})[index] = detail
         for kind, details in by_kind.items():
             at = np.zeros(table.num_images, bool)
@@ -160,23 +185,27 @@ def _box(box: np.ndarray) -> str:
 
 def _header_problem(source: Any, height: int, width: int) -> tuple[str, str] | None:
     try:
-        with Image.open(source) as image:
-            file_width, file_height = image.size
+        header = image_header(source)
     except FileNotFoundError:
         return "missing image file", "image file not found"
     except Exception as exc:  # PIL raises several kinds for damaged or foreign files
         return "unreadable image file", f"cannot read the image: {exc}"
-    if (file_height, file_width) != (height, width):
+    if (header.height, header.width) != (height, width):
+        turned = ""
+        if header.orientation != 1:
+            turned = f", as displayed: its EXIF orientation is {header.orientation}"
+            if header.orientation in SIDEWAYS:
+                turned += f" and it is stored {header.height}x{header.width}"
         return (
             "image size disagrees with the annotations",
-            f"the image is {file_width}x{file_height} (width x height) but the annotations "
-            f"say {width}x{height}",
+            f"the image is {header.width}x{header.height} (width x height{turned}) but the "
+            f"annotations say {width}x{height}",
         )
     return None
 
 
 def _image_header_problems(
-    open_image: Callable[[int], Any], heights: np.ndarray, widths: np.ndarray
+    open_image: Callable[[int], Any], images: np.ndarray, heights: np.ndarray, widths: np.ndarray
 ) -> list[tuple[str, str, int]]:
     def check(chunk: np.ndarray) -> list[tuple[str, str, int]]:
         out = []
@@ -191,7 +220,7 @@ def _image_header_problems(
                 out.append((*problem, int(i)))
         return out
 
-    chunks = np.array_split(np.arange(len(heights)), max(1, len(heights) // 512))
+    chunks = np.array_split(images, max(1, len(images) // 512))
     with ThreadPoolExecutor(HEADER_THREADS) as pool:
         return [p for found in pool.map(check, chunks) for p in found]
 

@@ -6,16 +6,19 @@ then moved into flat numpy arrays; polygons stay JSON text until a sample needs 
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer.data.annotations import Annotations, boxes_array
 from trainer.data.base import DetectionDataset
+from trainer.data.image_file import read_image
 from trainer.data.segmentation import RawSegmentation, Segmentations
 
 
@@ -47,17 +50,47 @@ class _CocoFile(msgspec.Struct):
     annotations: list[_Annotation] = []
 
 
+class _Ids(msgspec.Struct):
+    id: Any = None
+    image_id: Any = None
+
+
+class _IdLists(msgspec.Struct):
+    images: list[_Ids] = []
+    annotations: list[_Ids] = []
+
+
+def _ids_at(buffer: bytes, message: str) -> str:
+    """' (annotation 5 of image 3)' for an error at ``$.annotations[i]...`` (or an image's),
+    read leniently from the file; '' when the ids cannot be read."""
+    match = re.search(r"`\$\.(images|annotations)\[(\d+)\]", message)
+    if match is None:
+        return ""
+    try:
+        items = getattr(msgspec.json.decode(buffer, type=_IdLists), match[1])
+        item = items[int(match[2])]
+    except (msgspec.DecodeError, IndexError):
+        return ""
+    if match[1] == "images":
+        return f" (image {item.id})" if item.id is not None else ""
+    return f" (annotation {item.id} of image {item.image_id})" if item.id is not None else ""
+
+
 def _decode_error(path: Path, buffer: bytes, exc: msgspec.DecodeError) -> ValueError:
     message = str(exc)
     if isinstance(exc, msgspec.ValidationError):
-        return ValueError(f"annotation file '{path}' is not in COCO format: {message}.")
-    where = ""
+        return ValueError(
+            f"annotation file '{path}' is not in COCO format: {message}{_ids_at(buffer, message)}."
+        )
+    where, hint = "", ""
     if "(byte " in message:
         offset = int(message.rsplit("(byte ", 1)[1].rstrip(")"))
         line = buffer.count(b"\n", 0, offset) + 1
         column = offset - (buffer.rfind(b"\n", 0, offset) + 1) + 1
         where = f" at line {line}, column {column}"
-    return ValueError(f"annotation file '{path}' is not valid JSON{where}: {message}.")
+        if buffer[offset : offset + 3] in (b"NaN", b"Inf"):  # what Python's json writes
+            hint = " (NaN and Infinity are not JSON numbers)"
+    return ValueError(f"annotation file '{path}' is not valid JSON{where}: {message}{hint}.")
 
 
 def read_coco_json(path: str | Path) -> tuple[Annotations, Segmentations]:
@@ -145,11 +178,22 @@ class CocoDataset(DetectionDataset):
         return cls(cfg.ann_file, cfg.img_dir, **cls.options_from_config(cfg, train))
 
     def _read_image(self, image: int) -> torch.Tensor:
-        path = self.img_dir / str(self.annotations.file_names[image])
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        return read_image(self.img_dir / str(self.annotations.file_names[image]))
 
     def _image_file(self, table: Annotations, image: int) -> Path:
         return self.img_dir / str(table.file_names[image])
+
+    def _file_problems(self, table: Annotations) -> dict[int, str]:
+        # Judged on the name alone: links inside img_dir (a folder of links into storage) are
+        # the user's own choice, and resolving 100k paths would touch the storage for each.
+        out = {}
+        for image, name in enumerate(table.file_names.tolist()):
+            if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in ("..", "."):
+                out[image] = (
+                    f"file_name '{name}' is not a path inside the image folder "
+                    f"'{self.img_dir}' (img_dir)"
+                )
+        return out
 
     def _segmentations(self, rows: np.ndarray) -> list:
         return [self._segms[j] for j in self.annotations.ann_source[rows]]

@@ -28,11 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from omegaconf import DictConfig
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer.data.annotations import Annotations, boxes_array
 from trainer.data.base import DetectionDataset
+from trainer.data.image_file import image_header, read_image
 from trainer.data.segmentation import segmentation_problem
 
 DEFAULT_COLUMNS = {
@@ -278,12 +277,12 @@ class HFDataset(DetectionDataset):
         )
 
     def _header_sizes(self) -> tuple[np.ndarray, np.ndarray]:
-        """(heights, widths) [rows] from the image headers; -1 where unreadable."""
+        """(heights, widths) [rows] from the image headers, as displayed; -1 where
+        unreadable."""
         sizes = []
         for row in range(len(self._images)):
             try:
-                with Image.open(self._file(row)) as image:
-                    sizes.append(image.size[::-1])
+                sizes.append(image_header(self._file(row))[:2])
             except Exception:  # validation reports it
                 sizes.append((-1, -1))
         array = np.array(sizes, np.int64).reshape(-1, 2)
@@ -294,11 +293,7 @@ class HFDataset(DetectionDataset):
         return io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"]
 
     def _read_image(self, image: int) -> torch.Tensor:
-        file = self._file(self.annotations.image_source[image])
-        if isinstance(file, io.BytesIO):
-            data = torch.frombuffer(bytearray(file.getbuffer()), dtype=torch.uint8)
-            return decode_image(data, mode=ImageReadMode.RGB)
-        return decode_image(str(file), mode=ImageReadMode.RGB)
+        return read_image(self._file(self.annotations.image_source[image]))
 
     def _image_file(self, table: Annotations, image: int) -> Any:
         return self._file(table.image_source[image])

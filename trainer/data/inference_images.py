@@ -1,7 +1,8 @@
 """Images to detect in, from files or from memory, resized as the val transform does.
 
 ``trainer.predict`` and ``trainer.Detector`` both go through :func:`prepare_image`, so that
-the same picture gives the same detections either way.
+the same picture gives the same detections either way; files and PIL images are read by
+:mod:`trainer.data.image_file`, as training and evaluation read them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from trainer.data.image_file import pil_to_tensor, read_image
 from trainer.data.transforms import build_transforms
 
 
@@ -25,20 +26,16 @@ def inference_transform(min_size: list[int], max_size: int) -> v2.Compose:
     return build_transforms(list(min_size), max_size, 0.0)
 
 
-def read_image_file(path: str | Path) -> Tensor:
-    """uint8 [3, H, W] RGB, EXIF orientation applied so that results line up with the image
-    as viewers show it."""
-    return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-
-
 def to_image_tensor(image: Any) -> Tensor:
     """A path, PIL image, H x W x 3 uint8 numpy array or [3, H, W] tensor (uint8, or float in
-    [0, 1]) -> uint8 [3, H, W]. Float images are rounded to 8 bits, the pixels the model
-    was trained on, so that a picture gives the same detections in any of these forms."""
+    [0, 1]) -> uint8 [3, H, W]. Paths and PIL images are read as training reads files
+    (:mod:`trainer.data.image_file`: EXIF orientation, 16 bits, alpha). Float images are
+    rounded to 8 bits, the pixels the model was trained on, so that a picture gives the same
+    detections in any of these forms."""
     if isinstance(image, str | Path):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image file '{image}' does not exist.")
-        return read_image_file(image)
+        return read_image(image)
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor must be [3, H, W], got {list(image.shape)}.")
@@ -52,7 +49,7 @@ def to_image_tensor(image: Any) -> Tensor:
             )
         return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous()
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
-        return v2.functional.pil_to_tensor(image.convert("RGB"))
+        return pil_to_tensor(image)
     raise TypeError(
         f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, an "
         "H x W x 3 uint8 numpy array or a [3, H, W] tensor."
@@ -86,7 +83,7 @@ class ImageFiles:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        image = read_image_file(self.files[index])
+        image = read_image(self.files[index])
         target = {
             "orig_size": tuple(image.shape[-2:]),
             "original": image,
