@@ -34,22 +34,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     # Imported after argument parsing so `--help` answers at once.
-    from trainer.config import load_recipe, save_recipe
+    from trainer.config import load_recipe
+    from trainer.engine import build_accelerator
+    from trainer.engine.work_dir_lock import hold_work_dir
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    accelerator = build_accelerator(cfg)
+    # Before anything is written: a second run on the same work_dir stops here.
+    with hold_work_dir(accelerator, cfg.work_dir):
+        return train(cfg, args.recipe, accelerator)
+
+
+def train(cfg, recipe: str, accelerator) -> dict[str, float]:
+    """Build the datasets and the detector of ``cfg`` and train it, in the held work_dir."""
+    from trainer.config import save_recipe
     from trainer.data import build_dataset
-    from trainer.engine import build_accelerator, train_detector
+    from trainer.engine import train_detector
     from trainer.engine.logging import setup_logger
     from trainer.models import build_detector
     from trainer.models.backbone import describe
     from trainer.seeding import seed_everything
 
-    cfg = load_recipe(args.recipe, args.overrides)
-    accelerator = build_accelerator(cfg)
     logger = setup_logger(cfg.work_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         save_recipe(cfg, Path(cfg.work_dir) / "config.yaml")
     logger.info(
         "recipe %s -> work_dir %s (%d processes, %s)",
-        args.recipe,
+        recipe,
         cfg.work_dir,
         accelerator.num_processes,
         accelerator.distributed_type.value,

@@ -171,7 +171,8 @@ class Runner:
         self.settings = settings
         self.state = state
         self.logger = get_logger()
-        self.metrics_log = MetricsLog(settings.work_dir, parts.accelerator)
+        resumed_from = (state.iter, state.resumed_rows) if state.iter > 0 else None
+        self.metrics_log = MetricsLog(settings.work_dir, parts.accelerator, resumed_from)
         # Losses since the last train log line (a resumed run continues the saved interval).
         self.interval = LossSums.restored(state.interval_losses, parts.accelerator)
         self.stop = False

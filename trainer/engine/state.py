@@ -13,7 +13,8 @@ class TrainState:
     epoch; ``best``: best val metric so far (``best_metric`` names it); ``interval_losses``:
     per process, the loss sums of the log interval in progress (only a checkpoint taken on a
     stop signal, between two log lines, has any), so that a resumed run logs what an
-    uninterrupted one would."""
+    uninterrupted one would. ``resumed_rows``: in a resumed run, the rows metrics.jsonl had
+    when its checkpoint was saved (None: fresh run, or not known)."""
 
     epoch: int = 0
     iter: int = 0
@@ -21,6 +22,7 @@ class TrainState:
     best: float = -math.inf
     best_metric: str = ""
     interval_losses: list[dict] | None = None
+    resumed_rows: int | None = None  # not saved: set by train.restore
 
     def to_dict(self) -> dict:
         best = None if math.isinf(self.best) else self.best

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +30,12 @@ from trainer.data import build_dataloader
 from trainer.engine import collective_timeout
 from trainer.engine.accelerator import build_accelerator
 from trainer.engine.checkpoint import (
+    STATE_FILE,
     CheckpointError,
+    checkpoint_problem,
+    checkpoints_dir,
+    estimate_checkpoint_size,
+    find_latest,
     latest_checkpoint,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -39,6 +45,7 @@ from trainer.engine.optim import build_lr_scheduler, build_optimizer
 from trainer.engine.runner import LoopSettings, Runner, TrainingParts
 from trainer.engine.state import TrainState
 from trainer.engine.trackers import start_trackers
+from trainer.engine.work_dir_lock import check_work_dir_space, hold_work_dir, note_fresh_start
 from trainer.evaluation.coco import CocoEvaluator
 from trainer.seeding import SeededSamples
 from trainer.weights.classes import ModelClasses
@@ -56,8 +63,24 @@ def train_detector(
     ``datasets`` maps "train" (and "val" when the workflow has a val phase or
     ``val_interval_iters`` is set) to datasets. ``accelerator`` defaults to
     :func:`build_accelerator`. Returns the metrics of the last val phase.
+
+    The main process holds ``cfg.work_dir`` for the run: a second run on it stops at once.
     """
     accelerator = accelerator or build_accelerator(cfg)
+    with hold_work_dir(accelerator, cfg.work_dir):
+        return _train_detector(model, datasets, cfg, accelerator)
+
+
+def _train_detector(
+    model: torch.nn.Module, datasets: dict, cfg: DictConfig, accelerator: Accelerator
+) -> dict[str, float]:
+    """:func:`train_detector` with the work_dir held."""
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(cfg.work_dir)  # a save killed mid-way: finished or undone
+    # Optimizer tensors per trainable parameter: SGD's momentum buffer, AdamW's two moments.
+    states = (1 if cfg.optimizer.momentum else 0) if cfg.optimizer.type == "SGD" else 2
+    size = estimate_checkpoint_size(model, states, cfg.ema.enabled)
+    check_work_dir_space(accelerator, cfg.work_dir, size, cfg.checkpoint.keep_last)
     check_sync_bn(model, accelerator)
     check_same_classes(datasets)
     resume = resume_setting(cfg.resume)
@@ -161,7 +184,7 @@ def resume_setting(resume: str | None) -> str | None:
 
 
 def will_resume(resume: str | None, work_dir: str) -> bool:
-    """Whether :func:`restore` will load a checkpoint."""
+    """Whether :func:`restore` will load a checkpoint (with resume=auto: the newest complete)."""
     return resume is not None and (resume != "auto" or latest_checkpoint(work_dir) is not None)
 
 
@@ -286,20 +309,39 @@ def restore(
     resume: str | None,
     work_dir: str,
 ) -> TrainState:
-    """The state to start from: fresh, or loaded from ``resume`` ("auto": the latest
-    checkpoint in ``work_dir``, if any; else a checkpoint folder) into the prepared objects.
+    """The state to start from: fresh, or loaded from ``resume`` ("auto": the checkpoint
+    ``latest`` names in ``work_dir``, or the newest complete one when that one is missing or
+    incomplete; else a checkpoint folder) into the prepared objects.
 
     The optimizer keeps this run's hyperparameters (lr, weight decay), not the saved ones, so
-    that resuming with another number of processes rescales the lr.
+    that resuming with another number of processes rescales the lr. A fresh start in a used
+    work_dir sets its metrics.jsonl aside (with a warning); a resumed run logs again, in place
+    of what was logged after its checkpoint (see :class:`trainer.engine.logging.MetricsLog`).
     """
     logger = get_logger()
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(work_dir)
     accelerator.wait_for_everyone()
-    folder = latest_checkpoint(work_dir) if resume == "auto" else resume
+    folder, problem = resume, None
+    if resume == "auto":
+        folder, problem = find_latest(work_dir)
+        if problem is not None:
+            instead = (
+                f"resuming from {folder}, the newest complete one"
+                if folder
+                else "no complete checkpoint is left: starting fresh"
+            )
+            logger.warning("resume=auto: %s; %s", problem, instead)
+    elif folder is not None and (Path(folder) / STATE_FILE).is_file():
+        problem = checkpoint_problem(folder)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint '{folder}' is incomplete: {problem}; resume from another folder "
+                "under <work_dir>/checkpoints, or resume=auto (the newest complete one)."
+            )
     if folder is None:
-        if resume == "auto":
+        if resume == "auto" and problem is None:
             logger.info("resume=auto: no checkpoint in %s yet, starting fresh", work_dir)
+        if accelerator.is_main_process:
+            note_fresh_start(work_dir, resume)
         return TrainState()
     hyperparameters = [
         {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
@@ -312,6 +354,9 @@ def restore(
     if saved_processes != accelerator.num_processes:
         # Same images seen, counted in this run's per-process batches.
         state.epoch_batches = state.epoch_batches * saved_processes // accelerator.num_processes
+    # The saved row count is of this work_dir's metrics.jsonl only.
+    if Path(folder).resolve().parent == checkpoints_dir(work_dir).resolve():
+        state.resumed_rows = saved.get("metrics_rows")
     logger.info(
         "resumed from %s at epoch %d, iter %d (%d batches into the epoch)",
         folder,
