@@ -83,9 +83,9 @@ def test_a_killed_process_restarts_the_group_which_resumes_and_finishes_alike(sh
     log = (work_dir / "log.txt").read_text()
     assert "restart 1 of the process group: resume=auto" in log
     assert "resumed from" in log
-    expected = {(r["phase"], r["iter"]): without_timing(r) for r in read_records(reference)}
-    got = {(r["phase"], r["iter"]): without_timing(r) for r in read_records(work_dir)}
-    assert got == expected
+    # each row once, as the uninterrupted run logged it
+    expected = [without_timing(r) for r in read_records(reference)]
+    assert [without_timing(r) for r in read_records(work_dir)] == expected
     assert (work_dir / "checkpoints/latest").read_text() == "epoch_3"
 
 
