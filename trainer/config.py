@@ -158,6 +158,16 @@ class ModelConfig:
     # P6), so that every level's map is exactly the image's size over its stride.
     # torchvision pads to 32.
     size_divisibility: int | None = checked(None, at_least(1))
+    # Memory format of the image batch and so of the convolutions' maps: true channels-last
+    # (NHWC), false NCHW; null: channels-last on the CPU, NCHW on GPUs (where its effect is
+    # not measured yet). Same detections up to float rounding; see benchmarks/README.md.
+    channels_last: bool | None = None
+    # Inference (eval mode) under autocast to bf16 or fp16: convolutions and matrix
+    # products in that dtype; boxes, scores, RoIAlign and mask probabilities stay fp32.
+    # Faster on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs, but detections move
+    # (benchmarks/README.md measures how far): fp32 by default. Training precision is
+    # mixed_precision's.
+    inference_precision: str = checked("fp32", one_of("fp32", "bf16", "fp16"))
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
 

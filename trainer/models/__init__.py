@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from trainer.models.backbone import BACKBONES, TimmBackbone
+from trainer.models.inference import compile_for_inference
 from trainer.models.mask_rcnn import MaskRCNN
 from trainer.registry import Registry, build
 
@@ -21,4 +22,11 @@ def build_detector(cfg: DictConfig, num_classes: int | None = None):
     return build(DETECTORS, cfg, num_classes=num_classes)
 
 
-__all__ = ["BACKBONES", "DETECTORS", "MaskRCNN", "build_backbone", "build_detector"]
+__all__ = [
+    "BACKBONES",
+    "DETECTORS",
+    "MaskRCNN",
+    "build_backbone",
+    "build_detector",
+    "compile_for_inference",
+]

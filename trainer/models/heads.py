@@ -129,6 +129,14 @@ class MaskHead(nn.Module):
 
     def forward(self, pooled: Tensor, labels: Tensor) -> Tensor:
         hidden = torch.relu_(self.upsample(self.convs(pooled)))  # [R, D, 2S, 2S]
-        weight = self.predictor.weight[labels - 1, :, 0, 0]  # [R, D]
-        logits = torch.einsum("rdhw,rd->rhw", hidden, weight.to(hidden.dtype))
+        num, dim, height, width = hidden.shape
+        weight = self.predictor.weight[labels - 1, :, 0, 0].to(hidden.dtype)  # [R, D]
+        # One matrix-vector product per RoI, on a view of ``hidden`` in either layout (an
+        # einsum copies channels-last maps to NCHW first).
+        if hidden.is_contiguous():
+            logits = torch.bmm(weight[:, None, :], hidden.view(num, dim, height * width))
+        else:
+            pixels = hidden.permute(0, 2, 3, 1).reshape(num, height * width, dim)
+            logits = torch.bmm(pixels, weight[:, :, None])
+        logits = logits.view(num, height, width)
         return logits + self.predictor.bias[labels - 1, None, None].to(logits.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -68,6 +70,8 @@ def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> Non
 
 # Mask pasting: this project's exact paste, or torchvision's (for its weights' detections).
 PASTE_MODES = ("exact", "torchvision")
+# Autocast dtype of inference (model.inference_precision); fp32: no autocast.
+INFERENCE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MaskRCNN(nn.Module):
@@ -103,6 +107,8 @@ class MaskRCNN(nn.Module):
         mask_thresh: float = 0.5,
         size_divisibility: int | None = None,
         mask_paste: str = "exact",
+        channels_last: bool | None = None,
+        inference_precision: str = "fp32",
     ):
         super().__init__()
         self.backbone = backbone
@@ -113,6 +119,18 @@ class MaskRCNN(nn.Module):
         if mask_paste not in PASTE_MODES:
             raise ValueError(f"mask_paste must be one of {list(PASTE_MODES)}, got {mask_paste!r}.")
         self.mask_paste = mask_paste
+        # Memory format of the image batch, which the convolutions keep: channels-last
+        # (NHWC) or NCHW; None: channels-last on the CPU (faster oneDNN kernels, RoIAlign and
+        # the RPN head's outputs without copies), NCHW elsewhere.
+        self.channels_last = channels_last
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise ValueError(
+                f"inference_precision must be one of {list(INFERENCE_PRECISIONS)}, "
+                f"got {inference_precision!r}."
+            )
+        # Convolutions and matrix products at inference in this dtype (autocast); box
+        # decoding, scores, RoIAlign and mask probabilities stay fp32.
+        self.inference_precision = inference_precision
         self.num_classes = roi_heads.num_classes
         # None: the coarsest stride, so that every pyramid level divides the padded size.
         self.size_divisibility = size_divisibility or max(self.fpn.strides)
@@ -153,6 +171,8 @@ class MaskRCNN(nn.Module):
             mask_thresh=cfg.roi_heads.mask_thresh,
             mask_paste=cfg.roi_heads.mask_paste,
             size_divisibility=cfg.size_divisibility,
+            channels_last=cfg.channels_last,
+            inference_precision=cfg.inference_precision,
         )
 
     def forward(
@@ -167,22 +187,31 @@ class MaskRCNN(nn.Module):
                 raise ValueError("MaskRCNN in training mode needs targets.")
             check_targets(images, targets)
         batch, image_sizes = self.preprocess(images)
-        pyramid = self.fpn(self.backbone(batch))
-        gt = self.pad_targets(targets, batch.shape[-2:]) if self.training else None
-        proposals, valid, losses = self.rpn(pyramid, image_sizes, gt)
-        if self.training:
-            losses.update(self.roi_heads(pyramid[:-1], proposals, valid, gt))
-            return losses
-        detections = self.roi_heads(pyramid[:-1], proposals, valid, image_sizes=image_sizes)
+        with self._autocast(batch.device.type):
+            pyramid = self.fpn(self.backbone(batch))
+            gt = self.pad_targets(targets, batch.shape[-2:]) if self.training else None
+            proposals, valid, losses = self.rpn(pyramid, image_sizes, gt)
+            if self.training:
+                losses.update(self.roi_heads(pyramid[:-1], proposals, valid, gt))
+                return losses
+            detections = self.roi_heads(pyramid[:-1], proposals, valid, image_sizes=image_sizes)
         if output_sizes is None:
             output_sizes = [tuple(image.shape[-2:]) for image in images]
         return self.postprocess(detections, image_sizes, output_sizes)
+
+    def _autocast(self, device_type: str):
+        """Autocast to ``inference_precision`` at inference; nothing in training (the training
+        loop's mixed precision applies) or in fp32 (an enclosing autocast still applies)."""
+        if self.training or self.inference_precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=INFERENCE_PRECISIONS[self.inference_precision])
 
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Normalize and pad into one batch: -> [B, 3, H_pad, W_pad], sizes [B, 2] (h, w).
 
         Padding is at the bottom and right, to a multiple of ``size_divisibility``, or to
-        the input size of a backbone that takes one size only.
+        the input size of a backbone that takes one size only. The batch is channels-last
+        when ``channels_last`` says so.
         """
         sizes = [tuple(image.shape[-2:]) for image in images]
         height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
@@ -191,7 +220,17 @@ class MaskRCNN(nn.Module):
         else:
             divisor = self.size_divisibility
             height, width = -(-height // divisor) * divisor, -(-width // divisor) * divisor
-        batch = self.pixel_mean.new_zeros((len(images), 3, height, width))
+        device = self.pixel_mean.device
+        channels_last = self.channels_last
+        if channels_last is None:
+            channels_last = device.type == "cpu"
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        batch = torch.empty(
+            (len(images), 3, height, width),
+            dtype=self.pixel_mean.dtype,
+            device=device,
+            memory_format=layout,
+        ).zero_()
         for slot, image in zip(batch, images):
             image = image.to(self.pixel_mean.device)
             scale = 255.0 if image.dtype == torch.uint8 else 1.0
@@ -242,11 +281,17 @@ class MaskRCNN(nn.Module):
     def postprocess(
         self, detections: dict[str, Tensor], image_sizes: Tensor, output_sizes: list[tuple]
     ) -> list[dict[str, Tensor]]:
-        """Split flat detections per image, rescale to the output size and paste the masks."""
+        """Split flat detections per image, rescale to the output size and paste the masks.
+
+        One host read for the batch: the detections per image and the input sizes."""
+        image = detections["image"]
+        order = torch.argsort(image, stable=True)  # each image's detections, in their order
+        counts = torch.bincount(image, minlength=len(output_sizes))
+        sizes = torch.cat((counts, image_sizes.flatten().to(counts))).tolist()
+        counts, in_sizes = sizes[: len(output_sizes)], sizes[len(output_sizes) :]
         results = []
-        for i, (out_h, out_w) in enumerate(output_sizes):
-            index = (detections["image"] == i).nonzero().squeeze(1)
-            in_h, in_w = image_sizes[i].tolist()
+        for i, (index, (out_h, out_w)) in enumerate(zip(order.split(counts), output_sizes)):
+            in_h, in_w = in_sizes[2 * i : 2 * i + 2]
             scale = torch.tensor([out_w / in_w, out_h / in_h] * 2, device=index.device)
             boxes = detections["boxes"][index] * scale
             results.append(

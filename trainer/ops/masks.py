@@ -100,10 +100,13 @@ def paste_masks(
     x_start, x_count = _windows(boxes[:, 0], boxes[:, 2], size, width)
     y_start, y_count = _windows(boxes[:, 1], boxes[:, 3], size, height)
     order = torch.argsort(x_count * y_count, descending=True)
-    for index in order.split(chunk):
-        # One host read per chunk for its window size; starts move left/up where needed so
-        # the common window stays inside the image (it still covers each box's span).
-        win_h, win_w = (int(v) for v in torch.stack((y_count[index], x_count[index]), 1).amax(0))
+    # Each chunk's common window (the largest of its boxes'), all in one host read.
+    counts = torch.stack((y_count, x_count), 1)[order]
+    counts = torch.nn.functional.pad(counts, (0, 0, 0, -num % chunk))
+    windows = counts.view(-1, chunk, 2).amax(1).tolist()
+    for index, (win_h, win_w) in zip(order.split(chunk), windows):
+        # Starts move left/up where needed so the common window stays inside the image (it
+        # still covers each box's span).
         xs = x_start[index].clamp(max=width - win_w)[:, None] + torch.arange(
             win_w, device=out.device
         )

@@ -28,7 +28,8 @@ def roi_align(
     aligned: bool = True,
 ) -> Tensor:
     """torchvision.ops.roi_align's contract: features [B, C, H, W], rois [R, 5] (batch index,
-    x1, y1, x2, y2 in image pixels) -> [R, C, S, S]."""
+    x1, y1, x2, y2 in image pixels) -> [R, C, S, S]. On the CPU, channels-last features give
+    channels-last pooled features (no copies); give them that way when pooling repeatedly."""
     if features.device.type != "cpu":
         return torchvision_roi_align(
             features, rois, output_size, spatial_scale, sampling_ratio, aligned
@@ -59,14 +60,21 @@ class _SparsePooling(torch.autograd.Function):
         ctx.save_for_backward(rois)
         ctx.options = (features.shape, size, scale, sampling_ratio, aligned)
         batch, channels, height, width = features.shape
-        # Pixels as rows, channels as columns: [B * H * W, C].
+        # Channels-last maps (the layout of the products) in, channels-last pooled features
+        # out, with no copy; other maps give contiguous NCHW, as torchvision's kernel does.
+        ctx.channels_last = channels_last = _is_channels_last(features)
+        # Pixels as rows, channels as columns: [B * H * W, C] (a view of channels-last maps).
         flat = features.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
-        out = features.new_empty((rois.shape[0], channels, size, size))
-        for start in range(0, rois.shape[0], CHUNK):
-            part = slice(start, start + CHUNK)
-            pooled = torch.sparse.mm(_weights(rois[part], *ctx.options), flat)  # [n*S*S, C]
-            out[part] = pooled.view(-1, size, size, channels).permute(0, 3, 1, 2)
-        return out
+        num, bins = rois.shape[0], size * size
+        if 0 < num <= CHUNK:
+            pooled = torch.sparse.mm(_weights(rois, *ctx.options), flat)  # [R * S * S, C]
+        else:
+            pooled = flat.new_empty((num * bins, channels))
+            for start in range(0, num, CHUNK):
+                part = _weights(rois[start : start + CHUNK], *ctx.options)
+                pooled[start * bins : (start + CHUNK) * bins] = torch.sparse.mm(part, flat)
+        pooled = pooled.view(num, size, size, channels).permute(0, 3, 1, 2)
+        return pooled if channels_last else pooled.contiguous()
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -80,9 +88,18 @@ class _SparsePooling(torch.autograd.Function):
             weights = _weights(rois[part], *ctx.options)
             grad_flat.addmm_(weights.t(), grad_rows)
         grad_features = grad_flat.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        # Contiguous: the gradients of a level's features are summed over the RPN and both
-        # poolers, and a channels-last view would make each sum allocate anew.
-        return grad_features.contiguous(), None, None, None, None, None
+        # In the features' layout: the gradients of a level's features are summed over the
+        # RPN and both poolers, and a sum of two layouts allocates anew.
+        if not ctx.channels_last:
+            grad_features = grad_features.contiguous()
+        return grad_features, None, None, None, None, None
+
+
+def _is_channels_last(features: Tensor) -> bool:
+    """Channels-last strides and not also contiguous NCHW (both hold when C or H * W is 1)."""
+    return features.is_contiguous(memory_format=torch.channels_last) and not (
+        features.is_contiguous()
+    )
 
 
 def _weights(rois, shape, size, scale, sampling_ratio, aligned) -> Tensor:

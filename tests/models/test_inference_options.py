@@ -1,0 +1,87 @@
+"""model.channels_last and model.inference_precision: what they change and what they keep."""
+
+import pytest
+import torch
+
+from tests.models.conftest import small_model_config
+from trainer.config import RecipeError, load_recipe
+from trainer.models import build_detector
+from trainer.models.heads import MaskHead
+
+
+def detector(**options):
+    cfg = small_model_config()
+    for key, value in options.items():
+        cfg[key] = value
+    torch.manual_seed(0)
+    model = build_detector(cfg, num_classes=3).eval()
+    with torch.no_grad():  # a few classes well above the score threshold: ~100 detections
+        model.roi_heads.box_head.cls_score.bias[1:] = 4.0
+    return model
+
+
+def images():
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 96, 128, generator=g), torch.rand(3, 80, 64, generator=g)]
+
+
+def test_mask_head_logits_are_the_same_from_either_layout():
+    torch.manual_seed(0)
+    head = MaskHead(8, 16, 2, 5)
+    pooled = torch.randn(6, 8, 14, 14)
+    labels = torch.tensor([1, 5, 2, 2, 3, 4])
+    with torch.no_grad():
+        expected = head(pooled, labels)
+        got = head(pooled.contiguous(memory_format=torch.channels_last), labels)
+        none = head(pooled[:0], labels[:0])
+    assert expected.shape == (6, 28, 28) and none.shape == (0, 28, 28)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_gives_the_same_detections():
+    nchw, nhwc = detector(channels_last=False), detector(channels_last=True)
+    assert detector().channels_last is None  # null: channels-last on the CPU
+    with torch.no_grad():
+        batch, _ = nhwc.preprocess(images())
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        expected, got = nchw(images()), nhwc(images())
+    for exp, out in zip(expected, got):
+        assert len(exp["boxes"]) > 10 and len(out["boxes"]) == len(exp["boxes"])
+        torch.testing.assert_close(out["boxes"], exp["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(out["scores"], exp["scores"], atol=1e-5, rtol=0)
+        assert torch.equal(out["labels"], exp["labels"])
+        assert (out["masks"] != exp["masks"]).float().mean() < 1e-3
+
+
+def test_bf16_inference_keeps_fp32_outputs_and_training_untouched():
+    model = detector(inference_precision="bf16")
+    with torch.no_grad():
+        outputs = model(images())
+    for output in outputs:
+        assert len(output["boxes"]) > 0
+        assert output["boxes"].dtype == output["scores"].dtype == torch.float32
+        assert output["masks"].dtype == torch.bool
+    # Training is left to the training loop's mixed precision: no autocast of the model's own.
+    model.train()
+    seen = []
+    hook = model.backbone.register_forward_hook(
+        lambda module, args, out: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    target = {
+        "boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.ones(1, 96, 128, dtype=torch.uint8),
+    }
+    model([images()[0]], [target])
+    model.eval()
+    with torch.no_grad():
+        model(images())
+    hook.remove()
+    assert seen == [False, True]
+
+
+def test_inference_precision_is_checked():
+    with pytest.raises(RecipeError, match="inference_precision"):
+        load_recipe("recipes/demo.yaml", ["model.inference_precision=int8"])
+    with pytest.raises(ValueError, match="inference_precision"):
+        detector(inference_precision="fp64")
