@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from trainer.data.inference_images import inference_transform, prepare_image, to_image_tensor
 from trainer.engine.checkpoint import export_weights
+from trainer.saved_recipe import saved_recipe_yaml
 from trainer.weights.classes import ModelClasses
 from trainer.weights.pretrained import build_pretrained, pretrained_classes, pretrained_recipe
 from trainer.weights.read import read_weights
@@ -80,7 +81,8 @@ class Detector:
             source: a work_dir (its latest checkpoint), a checkpoint folder, a weights file
                 (this project's, or torchvision's / detectron2's / mmdetection's Mask R-CNN),
                 a folder written by :meth:`save_pretrained`, an http(s) URL or a Hugging
-                Face Hub repo id.
+                Face Hub repo id; or an ONNX export (``model.onnx`` or its folder, from
+                ``python -m trainer.export``), run with onnxruntime.
             recipe: the recipe describing the model; needed only for weights that do not
                 carry one (other frameworks' weights, older checkpoints).
             classes: class names of labels 1..K, for weights that do not name them.
@@ -88,12 +90,25 @@ class Detector:
             overrides: recipe values by dotted key, e.g.
                 ``Detector.from_pretrained(path, **{"data.val.min_size": [640]})``.
         """
-        weights = read_weights(source)
+        from trainer.export import load_onnx, onnx_export
+
         items = [f"{key}={_yaml(value)}" for key, value in overrides.items()]
+        onnx_path = onnx_export(source)
+        if onnx_path is not None:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            names = list(classes) if classes else None
+            model, cfg, model_classes = load_onnx(onnx_path, recipe, items, names, device)
+            return cls(model, cfg, model_classes, device)
+        weights = read_weights(source)
         cfg = pretrained_recipe(weights, recipe, items)
         model_classes = pretrained_classes(weights, cfg, list(classes) if classes else None)
         model = build_pretrained(weights, cfg, model_classes)
         return cls(model, cfg, model_classes, device)
+
+    @property
+    def runs_onnx(self) -> bool:
+        """Whether the model is an ONNX export run by onnxruntime."""
+        return not isinstance(self.model, nn.Module)
 
     @property
     def classes(self) -> list[str]:
@@ -131,8 +146,13 @@ class Detector:
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``model.safetensors``, ``config.yaml``, ``classes.json`` and a README model
         card into ``folder``: :meth:`from_pretrained` needs nothing else."""
+        if self.runs_onnx:
+            raise ValueError(
+                f"this detector runs the ONNX model '{self.model.runtime.path}': share its "
+                "export folder as it is (save_pretrained writes PyTorch weights)."
+            )
         folder = Path(folder)
-        recipe_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
+        recipe_yaml = saved_recipe_yaml(self.cfg)
         export_weights(folder, self.model.state_dict(), recipe_yaml, {}, self.model_classes)
         (folder / "README.md").write_text(self._model_card(folder.name, folder.name))
         return folder
@@ -166,9 +186,10 @@ class Detector:
         )
 
     def __repr__(self) -> str:
+        runtime = ", onnxruntime" if self.runs_onnx else ""
         return (
             f"Detector({self.cfg.model.backbone.name}, {len(self.classes)} classes, "
-            f"device={self.device})"
+            f"device={self.device}{runtime})"
         )
 
 

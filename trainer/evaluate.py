@@ -63,13 +63,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     from trainer.data import build_dataloader, build_dataset
     from trainer.engine.accelerator import build_inference_accelerator
+    from trainer.engine.checkpoint import CheckpointError
     from trainer.engine.logging import setup_logger
     from trainer.evaluation.coco import CocoEvaluator, per_class_table, summary_table
     from trainer.evaluation.inference import inference_batches
+    from trainer.export import onnx_export
     from trainer.weights.classes import ModelClasses
     from trainer.weights.pretrained import build_pretrained, pretrained_recipe
     from trainer.weights.read import read_weights
 
+    if onnx_export(args.checkpoint) is not None:
+        raise CheckpointError(
+            f"{args.checkpoint}: an ONNX export, which trainer.predict and "
+            "Detector.from_pretrained run; evaluate the checkpoint it was exported from."
+        )
     weights = read_weights(args.checkpoint)
     cfg = pretrained_recipe(weights, args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.work_dir) / "eval"
