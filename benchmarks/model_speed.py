@@ -11,15 +11,15 @@ and as ratios ours / torchvision (below 1 is better):
 - then inference alone over image sizes and batch sizes (``--sweep-sizes``,
   ``--sweep-batches``), each configuration timed the same interleaved way.
 
-Inference options of our model (``--channels-last``, ``--precision``, ``--compile``) apply to
-ours only; torchvision's stays in its defaults (fp32, NCHW, eager). When an option is not
-the default, the detections of our model with it are compared with those of the same
-weights without it (matched detections, box, score and mask differences).
+Our model runs in one or more variants of its inference options (``--variants``: precision,
+memory format, compiled), torchvision's in its defaults (fp32, NCHW, eager); all of them
+alternate in the sweep. Each variant other than ``default`` has its detections compared
+with the default's, same weights, same images (matched detections, box, score and mask
+differences).
 
-    python benchmarks/model_speed.py                       # ResNet-50-FPN, 2 x 384x512, sweep
+    python benchmarks/model_speed.py               # ResNet-50-FPN: 2 x 384x512, then the sweep
     python benchmarks/model_speed.py --backbone resnet18 --height 320 --width 480
-    python benchmarks/model_speed.py --skip-main --sweep-sizes 384x512 800x1088 --sweep-batches 1 2
-    python benchmarks/model_speed.py --skip-main --precision bf16   # and its agreement with fp32
+    python benchmarks/model_speed.py --skip-main --variants default bf16 compile bf16+compile
 
 Goals on a 2-core CPU: train step <= 0.8x torchvision's time, inference <= 0.5x, peak
 memory <= 1.0x.
@@ -34,6 +34,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -45,22 +46,41 @@ from torchvision.ops import box_iou
 from trainer.config import ModelConfig
 from trainer.models import build_detector
 
+# Inference options of our model, joined by "+" into a variant ("bf16+compile"):
+# model.inference_precision, model.channels_last, trainer.models.compile_for_inference.
+OPTIONS = ("default", "bf16", "fp16", "nchw", "nhwc", "compile")
 
-def build_ours(
-    backbone: str, num_classes: int, channels_last: str = "auto", precision: str = "fp32"
-) -> torch.nn.Module:
+
+def parse_variant(variant: str) -> set[str]:
+    options = set(variant.split("+")) - {"default"}
+    unknown = options - set(OPTIONS)
+    if unknown:
+        raise SystemExit(f"unknown option(s) {sorted(unknown)} in '{variant}': {OPTIONS}")
+    return options
+
+
+def build_ours(backbone: str, num_classes: int, variant: str = "default") -> torch.nn.Module:
+    """Our detector with the inference options of ``variant`` (compiled at its first call)."""
+    options = parse_variant(variant)
     cfg = OmegaConf.structured(ModelConfig)
     cfg.backbone.name = backbone
     cfg.backbone.pretrained = False
     # torchvision's defaults for a detection ResNet: frozen BN, stem and layer1 frozen.
     cfg.backbone.frozen_stages = 1
     cfg.backbone.frozen_bn = True
-    # Set only when not the default, so that the script also measures older versions.
-    if channels_last != "auto":
-        cfg.channels_last = channels_last == "on"
-    if precision != "fp32":
+    # Keys set only when not the default, so that the script also measures older versions.
+    for precision in {"bf16", "fp16"} & options:
         cfg.inference_precision = precision
+    if options & {"nchw", "nhwc"}:
+        cfg.channels_last = "nhwc" in options
     return build_detector(cfg, num_classes=num_classes)
+
+
+def compile_variant(model: torch.nn.Module, variant: str) -> None:
+    if "compile" in parse_variant(variant):
+        from trainer.models import compile_for_inference
+
+        compile_for_inference(model)
 
 
 def build_torchvision(backbone: str, num_classes: int, height: int, width: int):
@@ -185,73 +205,79 @@ def main() -> None:
     )
     parser.add_argument("--sweep-batches", nargs="*", type=int, default=[1, 2])
     parser.add_argument(
-        "--channels-last",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="ours: model.channels_last (auto: null, channels-last on the CPU)",
+        "--variants",
+        nargs="+",
+        default=["default"],
+        help="our model's inference options, each a '+'-joined set of "
+        f"{', '.join(OPTIONS)}: e.g. default bf16 compile bf16+compile. The first is the "
+        "main table's; the sweep times all of them",
     )
     parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="ours: model.inference_precision",
+        "--agreement-weights",
+        help="also compare each variant's detections with the default's on trained weights "
+        "(any format trainer.Detector reads, e.g. torchvision's COCO Mask R-CNN .pth) and "
+        "--agreement-images, each resized as the recipe's val set",
     )
     parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="ours: trainer.models.compile_for_inference (compiled before the warm-up)",
+        "--agreement-recipe",
+        default="recipes/mask_rcnn_torchvision.yaml",
+        help="recipe of --agreement-weights when they carry none",
     )
+    parser.add_argument("--agreement-images", nargs="*", default=[], metavar="FILE")
     parser.add_argument(
         "--inference-mode",
         action="store_true",
-        help="both: inference under torch.inference_mode() instead of torch.no_grad()",
+        help="all models: inference under torch.inference_mode() instead of torch.no_grad()",
     )
     args = parser.parse_args()
+    for variant in args.variants:
+        parse_variant(variant)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.inference_mode:
         GRAD_MODE["context"] = torch.inference_mode
     torch.manual_seed(0)
-    models = {
-        "ours": build_ours(args.backbone, args.classes, args.channels_last, args.precision),
-        "torchvision": build_torchvision(args.backbone, args.classes, args.height, args.width),
-    }
-    favour_classes(models["ours"].roi_heads.box_head.cls_score, 4)
-    favour_classes(models["torchvision"].roi_heads.box_predictor.cls_score, 4)
-    reference = None
-    if args.channels_last != "auto" or args.precision != "fp32" or args.compile:
-        # The same weights without the options, for the detections' agreement.
-        reference = build_ours(args.backbone, args.classes).eval()
-        reference.load_state_dict(models["ours"].state_dict())
-    # A compiled model's weights are constants: its train steps run on an eager copy.
-    trained = dict(models, ours=copy.deepcopy(models["ours"])) if args.compile else models
-    if args.compile:
-        from trainer.models import compile_for_inference
-
-        compile_for_inference(models["ours"])
+    ours = {f"ours {v}": build_ours(args.backbone, args.classes, v) for v in args.variants}
+    torchvision_model = build_torchvision(args.backbone, args.classes, args.height, args.width)
+    first = next(iter(ours.values()))
+    favour_classes(first.roi_heads.box_head.cls_score, 4)
+    favour_classes(torchvision_model.roi_heads.box_predictor.cls_score, 4)
+    for model in ours.values():  # the same weights in every variant
+        model.load_state_dict(first.state_dict())
     print(header(args))
     if not args.skip_main:
-        main_table(args, models, trained)
-    agreement = {}
+        # A compiled model's weights are constants: the train steps run on an eager copy.
+        trained = copy.deepcopy(first)
+        compile_variant(first, args.variants[0])
+        main_table(
+            args,
+            {"ours": first, "torchvision": torchvision_model},
+            {"ours": trained, "torchvision": torchvision_model},
+        )
+        for model in ours.values():  # the train steps moved the weights
+            model.load_state_dict(trained.state_dict())
+    for model, variant in zip(ours.values(), args.variants):
+        if args.skip_main or model is not first:
+            compile_variant(model, variant)
     if args.sweep_sizes and args.sweep_batches:
         print()
-        agreement = sweep(args, models, reference)
-    if reference is not None:
+        agreement = sweep(args, ours, torchvision_model)
+        if any(v != "default" for v in args.variants):
+            print()
+            report_agreement(agreement, "random weights, the sweep's images")
+    if args.agreement_weights:
         print()
-        report_agreement(args, agreement)
+        report_agreement(trained_agreement(args), f"{args.agreement_weights}, own images")
 
 
 def header(args) -> str:
-    options = (
-        f"channels-last {args.channels_last}, {args.precision}"
-        + (", compiled" if args.compile else "")
-        + (", inference_mode" if args.inference_mode else "")
-    )
     return (
-        f"# {args.backbone}-FPN, {args.classes} classes; ours: {options}; median of "
-        f"{args.runs} runs after {args.warmup} warm-up; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}"
+        f"# {args.backbone}-FPN, {args.classes} classes; ours: {', '.join(args.variants)}"
+        + (", inference_mode" if args.inference_mode else "")
+        + f"; median of {args.runs} runs after {args.warmup} warm-up; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"{platform.machine()}"
     )
 
 
@@ -325,19 +351,24 @@ def report(args, models, times, memory, detections) -> None:
     )
 
 
-def sweep(args, models, reference) -> dict:
-    """Inference alone per (size, batch), interleaved as above: a ratio table. Returns the
-    agreement of ours with ``reference`` per configuration (when given)."""
-    torchvision_model = models["torchvision"]
+def sweep(args, ours: dict, torchvision_model) -> dict:
+    """Inference alone per (size, batch), every model in turn as above: a ratio table.
+    Returns, per configuration and variant other than "default", the agreement of its
+    detections with those of our model without options (same weights, same images)."""
+    models = dict(ours, torchvision=torchvision_model)
     print(
-        "# inference per image (s), about 100 detections per image: ours / torchvision "
-        "(below 1 is better)"
+        "# inference, seconds per image, about 100 detections per image; ratio: ours / "
+        "torchvision, wall time (CPU time), below 1 is better"
     )
-    print("| size | images | ours (s) | torchvision (s) | ours / torchvision | CPU time ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    names = list(ours)
+    print(
+        "| size | images | torchvision (s) | "
+        + " | ".join(f"{n} (s) | {n} / torchvision" for n in names)
+        + " |"
+    )
+    print("|---|---:|---:|" + "---:|---:|" * len(names))
     agreement = {}
-    if reference is not None:  # the main table's train steps moved our weights
-        reference.load_state_dict(models["ours"].state_dict())
+    reference = ours.get("ours default")
     for size in args.sweep_sizes:
         height, width = (int(v) for v in size.lower().split("x"))
         # torchvision's transform must not resize: its min and max size are the image's.
@@ -346,34 +377,40 @@ def sweep(args, models, reference) -> dict:
         for batch in args.sweep_batches:
             images, _ = make_batch(batch, height, width, 1, args.classes, seed=1)
             times = {name: ([], []) for name in models}
+            outputs = {}
             for round_index in range(args.warmup + args.runs):
                 order = list(models) if round_index % 2 == 0 else list(reversed(models))
                 for name in order:
-                    wall, cpu, _ = timed(inference, models[name], images)
+                    wall, cpu, outputs[name] = timed(inference, models[name], images)
                     if round_index >= args.warmup:
                         times[name][0].append(wall / batch)
                         times[name][1].append(cpu / batch)
-            ours, theirs = (
-                [statistics.median(v) for v in times[n]] for n in ("ours", "torchvision")
+            median = {n: [statistics.median(v) for v in t] for n, t in times.items()}
+            theirs = median["torchvision"]
+            cells = " | ".join(
+                f"{median[n][0]:.3f} | {median[n][0] / theirs[0]:.2f} "
+                f"({median[n][1] / theirs[1]:.2f})"
+                for n in names
             )
-            print(
-                f"| {height}x{width} | {batch} | {ours[0]:.3f} | {theirs[0]:.3f} | "
-                f"{ours[0] / theirs[0]:.2f} | {ours[1] / theirs[1]:.2f} |"
-            )
-            if reference is not None:
-                agreement[(size, batch)] = compare_detections(
-                    inference(reference, images), inference(models["ours"], images)
-                )
+            print(f"| {height}x{width} | {batch} | {theirs[0]:.3f} | {cells} |")
+            if reference is None:
+                continue
+            for name in names:
+                if name != "ours default":
+                    agreement[(size, batch, name)] = compare_detections(
+                        outputs["ours default"], outputs[name]
+                    )
     return agreement
 
 
 def compare_detections(expected, got) -> dict[str, float]:
     """How far ``got`` is from ``expected`` (lists of per-image outputs): each expected
     detection is matched to the same-class detection of highest box IoU (matched if > 0.9);
-    box and score errors and mask IoU over the matched ones; the same count over each
-    image's 20 best expected detections (the 100-detection cut among near-equal scores of
-    random weights moves with any rounding, the best ones should not)."""
-    matched = total = top_matched = top_total = 0
+    box and score errors and mask IoU over the matched ones. Also the share matched among
+    each image's 20 best expected detections and among those scoring >= 0.5 (what
+    trainer.predict keeps by default): with random weights many scores are nearly equal,
+    and any rounding moves the 100-detection cut among them; the best ones should hold."""
+    counts = {"matched": [0, 0], "top20 matched": [0, 0], "confident matched": [0, 0]}
     box_error = score_error = 0.0
     mask_ious = []
     for exp, out in zip(expected, got):
@@ -382,16 +419,16 @@ def compare_detections(expected, got) -> dict[str, float]:
         overlap = box_iou(exp["boxes"], out["boxes"]) * (
             exp["labels"][:, None] == out["labels"][None]
         )
-        if overlap.shape[1] == 0:
-            overlap = overlap.new_zeros((len(exp["boxes"]), 1))
-            index = torch.zeros(len(exp["boxes"]), dtype=torch.int64)
-            best = overlap[:, 0]
-        else:
-            best, index = overlap.max(1)
+        overlap = torch.cat((overlap, overlap.new_zeros((len(overlap), 1))), dim=1)
+        best, index = overlap.max(1)
         found = best > 0.9
         top = torch.argsort(exp["scores"], descending=True)[:20]
-        matched, total = matched + int(found.sum()), total + len(found)
-        top_matched, top_total = top_matched + int(found[top].sum()), top_total + len(top)
+        confident = exp["scores"] >= 0.5
+        for key, among in (("matched", found), ("top20 matched", found[top])):
+            counts[key][0] += int(among.sum())
+            counts[key][1] += len(among)
+        counts["confident matched"][0] += int(found[confident].sum())
+        counts["confident matched"][1] += int(confident.sum())
         if found.any():
             i, j = found.nonzero().squeeze(1), index[found]
             box_error = max(box_error, (exp["boxes"][i] - out["boxes"][j]).abs().max().item())
@@ -400,9 +437,10 @@ def compare_detections(expected, got) -> dict[str, float]:
             union = (exp["masks"][i] | out["masks"][j]).flatten(1).sum(1)
             mask_ious.append(torch.where(union > 0, inter / union.clamp(min=1), 1.0))
     ious = torch.cat(mask_ious) if mask_ious else torch.ones(1)
+    shares = {k: (n / total if total else math.nan) for k, (n, total) in counts.items()}
     return {
-        "matched": matched / max(total, 1),
-        "top20 matched": top_matched / max(top_total, 1),
+        **shares,
+        "detections": counts["matched"][1],
         "box error (px)": box_error,
         "score error": score_error,
         "mask IoU mean": ious.mean().item(),
@@ -410,23 +448,56 @@ def compare_detections(expected, got) -> dict[str, float]:
     }
 
 
-def report_agreement(args, agreement) -> None:
+def trained_agreement(args) -> dict:
+    """Per image and variant other than "default": compare_detections of the variant with
+    the default, on --agreement-weights loaded through trainer.Detector (which resizes as
+    the recipe's val set), every detection down to the recipe's score threshold."""
+    from trainer import Detector
+
+    detectors = {}
+    for variant in args.variants:
+        options = parse_variant(variant)
+        overrides = {}
+        for precision in {"bf16", "fp16"} & options:
+            overrides["model.inference_precision"] = precision
+        if options & {"nchw", "nhwc"}:
+            overrides["model.channels_last"] = "nhwc" in options
+        detector = Detector.from_pretrained(
+            args.agreement_weights, recipe=args.agreement_recipe, device="cpu", **overrides
+        )
+        compile_variant(detector.model, variant)
+        detectors[variant] = detector
+    detectors.setdefault("default", None)
+    if detectors["default"] is None:
+        detectors["default"] = Detector.from_pretrained(
+            args.agreement_weights, recipe=args.agreement_recipe, device="cpu"
+        )
+    agreement = {}
+    for path in args.agreement_images:
+        expected = detectors["default"].predict([path], score_threshold=0.0)
+        for variant, detector in detectors.items():
+            if variant != "default":
+                got = detector.predict([path], score_threshold=0.0)
+                agreement[(Path(path).name, 1, variant)] = compare_detections(expected, got)
+    return agreement
+
+
+def report_agreement(agreement, what: str) -> None:
     print(
-        f"# detections of ours with the options above vs the same weights without them "
-        f"(fp32, channels-last auto, eager): {args.precision}, channels-last "
-        f"{args.channels_last}" + (", compiled" if args.compile else "")
+        f"# detections of each variant vs ours default (fp32, channels-last auto, eager), "
+        f"{what}: matched = same class, box IoU > 0.9; confident: scores >= 0.5"
     )
     if not agreement:
-        print("# (no sweep ran: nothing compared)")
+        print("# (compared only when 'default' is among the variants)")
         return
     keys = list(next(iter(agreement.values())))
-    print("| size | images | " + " | ".join(keys) + " |")
-    print("|---|---:|" + "---:|" * len(keys))
-    for (size, batch), values in agreement.items():
+    print("| size | images | variant | " + " | ".join(keys) + " |")
+    print("|---|---:|---|" + "---:|" * len(keys))
+    for (size, batch, name), values in agreement.items():
         cells = " | ".join(
-            f"{values[k]:.1%}" if "matched" in k else f"{values[k]:.2g}" for k in keys
+            f"{values[k]:.1%}" if "matched" in k else f"{values[k]:.3g}" for k in keys
         )
-        print(f"| {size} | {batch} | {cells} |")
+        print(f"| {size} | {batch} | {name.removeprefix('ours ')} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 from tests.models.conftest import small_model_config
 from trainer.config import RecipeError, load_recipe
 from trainer.models import build_detector
-from trainer.models.heads import MaskHead
+from trainer.models.heads import BoxHead, MaskHead, RPNHead
 
 
 def detector(**options):
@@ -85,3 +85,26 @@ def test_inference_precision_is_checked():
         load_recipe("recipes/demo.yaml", ["model.inference_precision=int8"])
     with pytest.raises(ValueError, match="inference_precision"):
         detector(inference_precision="fp64")
+
+
+def test_bf16_inference_ranks_by_fp32_scores_and_deltas():
+    """Under bf16 inference the layers whose outputs rank proposals and detections run in
+    fp32 (8 mantissa bits would tie near-equal scores); training keeps the loop's autocast."""
+    torch.manual_seed(0)
+    rpn, box = RPNHead(8, 3), BoxHead(8, 7, 16, 5)
+    features, pooled = [torch.randn(1, 8, 6, 6)], torch.randn(4, 8, 7, 7)
+    with torch.no_grad():
+        expected_logits, _ = rpn.eval()(features)
+        expected_scores, expected_deltas = box.eval()(pooled)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, deltas = rpn(features)
+            scores, box_deltas = box(pooled)
+            box.train()
+            train_scores, _ = box(pooled)
+    assert logits[0].dtype == deltas[0].dtype == torch.float32
+    assert scores.dtype == box_deltas.dtype == torch.float32
+    assert train_scores.dtype == torch.bfloat16
+    # Only the hidden features were rounded: the scores stay near fp32's.
+    torch.testing.assert_close(scores, expected_scores, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(logits[0], expected_logits[0], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(box_deltas, expected_deltas, atol=0.05, rtol=0.05)

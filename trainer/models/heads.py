@@ -8,6 +8,20 @@ import torch
 from torch import Tensor, nn
 
 
+def fp32_at_inference(head: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)``, in fp32 when ``head`` infers under autocast (bf16 / fp16 inference).
+
+    For the small output layers whose values rank proposals and detections (objectness,
+    class scores, box deltas): rounded to bf16 (8 bits of mantissa), near-equal scores tie
+    and top-k and NMS choose among them at random. These layers are a few percent of the
+    work. Training keeps the training loop's mixed precision.
+    """
+    if head.training or not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 class RPNHead(nn.Module):
     """Shared 3x3 conv, then per-anchor objectness and box deltas at every level.
 
@@ -29,9 +43,10 @@ class RPNHead(nn.Module):
         for feature in features:
             hidden = torch.relu_(self.conv(feature))
             batch, _, height, width = hidden.shape
-            logits.append(self.objectness(hidden).permute(0, 2, 3, 1).reshape(batch, -1))
+            objectness = fp32_at_inference(self, self.objectness, hidden)
+            logits.append(objectness.permute(0, 2, 3, 1).reshape(batch, -1))
             deltas.append(
-                self.deltas(hidden)
+                fp32_at_inference(self, self.deltas, hidden)
                 .view(batch, -1, 4, height, width)
                 .permute(0, 3, 4, 1, 2)
                 .reshape(batch, -1, 4)
@@ -102,7 +117,9 @@ class BoxHead(nn.Module):
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
         hidden = torch.relu_(self.fc1(self.convs(pooled).flatten(1)))
         hidden = torch.relu_(self.fc2(hidden))
-        return self.cls_score(hidden), self.bbox_pred(hidden).view(pooled.shape[0], -1, 4)
+        scores = fp32_at_inference(self, self.cls_score, hidden)
+        deltas = fp32_at_inference(self, self.bbox_pred, hidden)
+        return scores, deltas.view(pooled.shape[0], -1, 4)
 
 
 class MaskHead(nn.Module):

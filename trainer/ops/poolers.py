@@ -87,9 +87,10 @@ class MultiLevelRoIAlign:
             if index.numel() == 0 and (pooled or outputs or rois.shape[0] > 0):
                 continue  # an empty level adds nothing (one runs if there are no RoIs)
             if feature.device.type == "cpu":
-                # The CPU RoIAlign reads channels-last maps: one copy per level here (none if
-                # already so), not one per chunk of RoIs; its pooled features come out so too.
-                feature = feature.contiguous(memory_format=torch.channels_last)
+                # The CPU RoIAlign reads fp32 channels-last maps: one conversion per level
+                # here (none if already so), not one per chunk of RoIs; its pooled features
+                # come out so too (and are cast as the head's layers want under autocast).
+                feature = feature.to(torch.float32, memory_format=torch.channels_last)
             for part in index.split(max_rois or max(index.numel(), 1)) if per_level else [index]:
                 level_pooled = roi_align(feature, rois[part], size, scale, ratio, aligned)
                 if per_level:
