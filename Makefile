@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/python -m trainer.evaluate recipes/demo.yaml --checkpoint work_dirs/demo
 
 bench: install
-	$(BIN)/python benchmarks/model_speed.py
+	$(BIN)/python benchmarks/model_speed.py --variants default fp32
 	$(BIN)/python benchmarks/data_loader.py
 	$(BIN)/python benchmarks/eval_speed.py --images 1000
 

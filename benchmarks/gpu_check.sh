@@ -6,8 +6,10 @@
 # 1. bf16 on one GPU (launch/single_gpu.yaml), 2. fp16 with its grad scaler, 3. DDP over all
 # GPUs (launch/multi_gpu.yaml; needs 2 or more), 4. FSDP over all GPUs (launch/fsdp.yaml; on
 # one GPU a single shard, which still runs the FSDP2 wrapping and full state dict path), then
-# a single-process evaluation of FSDP's exported weights, 5. benchmarks/throughput.py on the
-# R50-FPN COCO recipe in bf16, bf16 compiled, and fp32. Each training run is 30 iterations
+# a single-process evaluation of FSDP's exported weights, 5. benchmarks/gpu_speed.py: ours
+# against torchvision's, training and inference images/s at COCO size in bf16, as JSON lines
+# in OUT_DIR/gpu_speed.jsonl, 6. benchmarks/throughput.py on the R50-FPN COCO recipe in
+# bf16, bf16 compiled, and fp32. Each training run is 30 iterations
 # of the demo recipe with a val phase; its log and metrics are in OUT_DIR/<name>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,10 @@ fi
 train fsdp launch/fsdp.yaml "$NGPU"
 echo "== fsdp weights evaluated in one process"
 "$BIN/python" -m trainer.evaluate recipes/demo.yaml --checkpoint "$OUT/fsdp" --out "$OUT/fsdp_eval"
+
+echo "== ours vs torchvision, R50-FPN at COCO size, bf16 (one JSON line each)"
+"$BIN/python" benchmarks/gpu_speed.py | tee "$OUT/gpu_speed.jsonl"
+"$BIN/python" benchmarks/gpu_speed.py --compile | tee -a "$OUT/gpu_speed.jsonl"
 
 for options in "--precision bf16" "--precision bf16 --compile" "--precision fp32"; do
     echo "== throughput $options"

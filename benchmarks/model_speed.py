@@ -12,14 +12,15 @@ and as ratios ours / torchvision (below 1 is better):
   ``--sweep-batches``), each configuration timed the same interleaved way.
 
 Our model runs in one or more variants of its inference options (``--variants``: precision,
-memory format, compiled), torchvision's in its defaults (fp32, NCHW, eager); all of them
-alternate in the sweep. Each variant other than ``default`` has its detections compared
-with the default's, same weights, same images (matched detections, box, score and mask
-differences).
+memory format, compiled; ``default`` is the recipe's defaults), torchvision's in its
+defaults (fp32, NCHW, eager); all of them alternate in the sweep. When ``fp32`` is among
+them, every other variant has its detections compared with fp32's, same weights, same
+images (matched detections, box, score and mask differences); ``--agreement-weights`` does
+the same on trained weights and real images.
 
-    python benchmarks/model_speed.py               # ResNet-50-FPN: 2 x 384x512, then the sweep
+    python benchmarks/model_speed.py --variants default fp32   # what `make bench` runs
     python benchmarks/model_speed.py --backbone resnet18 --height 320 --width 480
-    python benchmarks/model_speed.py --skip-main --variants default bf16 compile bf16+compile
+    python benchmarks/model_speed.py --skip-main --variants fp32 bf16 fp32+compile bf16+compile
 
 Goals on a 2-core CPU: train step <= 0.8x torchvision's time, inference <= 0.5x, peak
 memory <= 1.0x.
@@ -48,7 +49,9 @@ from trainer.models import build_detector
 
 # Inference options of our model, joined by "+" into a variant ("bf16+compile"):
 # model.inference_precision, model.channels_last, trainer.models.compile_for_inference.
-OPTIONS = ("default", "bf16", "fp16", "nchw", "nhwc", "compile")
+OPTIONS = ("default", "fp32", "bf16", "fp16", "nchw", "nhwc", "compile")
+# The variant every other one's detections are compared with.
+REFERENCE = "fp32"
 
 
 def parse_variant(variant: str) -> set[str]:
@@ -69,7 +72,7 @@ def build_ours(backbone: str, num_classes: int, variant: str = "default") -> tor
     cfg.backbone.frozen_stages = 1
     cfg.backbone.frozen_bn = True
     # Keys set only when not the default, so that the script also measures older versions.
-    for precision in {"bf16", "fp16"} & options:
+    for precision in {"fp32", "bf16", "fp16"} & options:
         cfg.inference_precision = precision
     if options & {"nchw", "nhwc"}:
         cfg.channels_last = "nhwc" in options
@@ -209,8 +212,9 @@ def main() -> None:
         nargs="+",
         default=["default"],
         help="our model's inference options, each a '+'-joined set of "
-        f"{', '.join(OPTIONS)}: e.g. default bf16 compile bf16+compile. The first is the "
-        "main table's; the sweep times all of them",
+        f"{', '.join(OPTIONS)}: e.g. default fp32 fp32+compile bf16+compile (default: the "
+        "recipe's defaults, model.inference_precision auto). The first is the main table's; "
+        "the sweep times all of them",
     )
     parser.add_argument(
         "--agreement-weights",
@@ -263,7 +267,7 @@ def main() -> None:
     if args.sweep_sizes and args.sweep_batches:
         print()
         agreement = sweep(args, ours, torchvision_model)
-        if any(v != "default" for v in args.variants):
+        if REFERENCE in args.variants and len(args.variants) > 1:
             print()
             report_agreement(agreement, "random weights, the sweep's images")
     if args.agreement_weights:
@@ -353,8 +357,8 @@ def report(args, models, times, memory, detections) -> None:
 
 def sweep(args, ours: dict, torchvision_model) -> dict:
     """Inference alone per (size, batch), every model in turn as above: a ratio table.
-    Returns, per configuration and variant other than "default", the agreement of its
-    detections with those of our model without options (same weights, same images)."""
+    Returns, per configuration and variant other than "fp32", the agreement of its
+    detections with those of the "fp32" variant when timed (same weights, same images)."""
     models = dict(ours, torchvision=torchvision_model)
     print(
         "# inference, seconds per image, about 100 detections per image; ratio: ours / "
@@ -368,7 +372,7 @@ def sweep(args, ours: dict, torchvision_model) -> dict:
     )
     print("|---|---:|---:|" + "---:|---:|" * len(names))
     agreement = {}
-    reference = ours.get("ours default")
+    reference = ours.get(f"ours {REFERENCE}")
     for size in args.sweep_sizes:
         height, width = (int(v) for v in size.lower().split("x"))
         # torchvision's transform must not resize: its min and max size are the image's.
@@ -396,9 +400,9 @@ def sweep(args, ours: dict, torchvision_model) -> dict:
             if reference is None:
                 continue
             for name in names:
-                if name != "ours default":
+                if name != f"ours {REFERENCE}":
                     agreement[(size, batch, name)] = compare_detections(
-                        outputs["ours default"], outputs[name]
+                        outputs[f"ours {REFERENCE}"], outputs[name]
                     )
     return agreement
 
@@ -449,16 +453,16 @@ def compare_detections(expected, got) -> dict[str, float]:
 
 
 def trained_agreement(args) -> dict:
-    """Per image and variant other than "default": compare_detections of the variant with
-    the default, on --agreement-weights loaded through trainer.Detector (which resizes as
-    the recipe's val set), every detection down to the recipe's score threshold."""
+    """Per image and variant other than "fp32": compare_detections of the variant with
+    fp32, on --agreement-weights loaded through trainer.Detector (which resizes as the
+    recipe's val set), every detection down to a score of 0."""
     from trainer import Detector
 
     detectors = {}
-    for variant in args.variants:
+    for variant in dict.fromkeys([REFERENCE, *args.variants]):
         options = parse_variant(variant)
         overrides = {}
-        for precision in {"bf16", "fp16"} & options:
+        for precision in {"fp32", "bf16", "fp16"} & options:
             overrides["model.inference_precision"] = precision
         if options & {"nchw", "nhwc"}:
             overrides["model.channels_last"] = "nhwc" in options
@@ -467,16 +471,11 @@ def trained_agreement(args) -> dict:
         )
         compile_variant(detector.model, variant)
         detectors[variant] = detector
-    detectors.setdefault("default", None)
-    if detectors["default"] is None:
-        detectors["default"] = Detector.from_pretrained(
-            args.agreement_weights, recipe=args.agreement_recipe, device="cpu"
-        )
     agreement = {}
     for path in args.agreement_images:
-        expected = detectors["default"].predict([path], score_threshold=0.0)
+        expected = detectors[REFERENCE].predict([path], score_threshold=0.0)
         for variant, detector in detectors.items():
-            if variant != "default":
+            if variant != REFERENCE:
                 got = detector.predict([path], score_threshold=0.0)
                 agreement[(Path(path).name, 1, variant)] = compare_detections(expected, got)
     return agreement
@@ -484,11 +483,11 @@ def trained_agreement(args) -> dict:
 
 def report_agreement(agreement, what: str) -> None:
     print(
-        f"# detections of each variant vs ours default (fp32, channels-last auto, eager), "
+        f"# detections of each variant vs ours fp32 (channels-last auto, eager), "
         f"{what}: matched = same class, box IoU > 0.9; confident: scores >= 0.5"
     )
     if not agreement:
-        print("# (compared only when 'default' is among the variants)")
+        print(f"# (compared only when '{REFERENCE}' is among the variants)")
         return
     keys = list(next(iter(agreement.values())))
     print("| size | images | variant | " + " | ".join(keys) + " |")

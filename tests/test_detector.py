@@ -122,3 +122,22 @@ def test_overrides_and_classes_given_by_the_caller(trained, tmp_path):  # noqa: 
     torch.save(renamed.model.state_dict(), bare)
     with pytest.raises(RecipeError, match="carry no recipe"):
         Detector.from_pretrained(bare)
+
+
+def test_model_compiled_for_inference_detects_the_same(trained, detector):  # noqa: F811
+    """model.compile_inference=true: backbone, FPN and RPN head compiled (weights frozen)
+    by trainer.predict, trainer.evaluate and Detector; the detections stay."""
+    root, _ = trained
+    compiled = Detector.from_pretrained(
+        root / "work", device="cpu", **{"model.compile_inference": True}
+    )
+    assert compiled.model.backbone._compiled_call_impl is not None
+    assert detector.model.backbone._compiled_call_impl is None
+    file = root / "shapes/val/000002.png"
+    expected = detector.predict(file, score_threshold=0.05)
+    got = compiled.predict(file, score_threshold=0.05)
+    assert len(expected["boxes"]) > 0
+    gap = (expected["boxes"][:, None] - got["boxes"][None]).abs().amax(-1)
+    same_class = expected["labels"][:, None] == got["labels"][None]
+    gap = torch.where(same_class, gap, torch.inf)
+    assert (gap.amin(1) < 0.5).float().mean() > 0.9

@@ -24,6 +24,10 @@ from trainer.ops.masks import paste_masks as torch_paste_masks
 SIZES = (96, 160)  # data.val.min_size of the two runs: one graph, two input sizes
 
 
+# What the exported graph computes in: the PyTorch model's precision to compare it with.
+FP32 = {"model.inference_precision": "fp32"}
+
+
 def onnx_ready() -> None:
     for name in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name)
@@ -98,7 +102,9 @@ def test_onnxruntime_gives_the_pytorch_detections(exported, trained, min_size): 
     masks that agree, at two input sizes of the one graph."""
     root, _ = trained
     size = {"data.val.min_size": [min_size]}
-    reference = Detector.from_pretrained(root / "work", device="cpu", **size)
+    # The graph is fp32: the reference is the PyTorch model in fp32 (on CPUs with native
+    # bf16 the default, inference_precision auto, infers in bf16).
+    reference = Detector.from_pretrained(root / "work", device="cpu", **size, **FP32)
     onnx_detector = Detector.from_pretrained(exported, device="cpu", **size)
     assert onnx_detector.classes == reference.classes
     assert "onnxruntime" in repr(onnx_detector)
@@ -141,6 +147,7 @@ def test_predict_takes_the_export_or_its_model_file(exported, trained, tmp_path)
     images = ["--images", str(root / "shapes/val"), "--score-threshold", ALL]
     reference = predict.main(
         ["--checkpoint", str(root / "work"), *images, "--out", str(tmp_path / "pt"), *overrides]
+        + ["model.inference_precision=fp32"]
     )
     from_folder = predict.main(
         ["--checkpoint", str(exported), *images, "--out", str(tmp_path / "a")]
@@ -240,9 +247,9 @@ def test_mask_pastes_equal_the_pytorch_ones():
 
 
 def test_the_export_graph_in_pytorch_equals_the_model(trained):  # noqa: F811
-    """What is exported, run eagerly: the model's own detections (needs no onnx)."""
+    """What is exported, run eagerly: the model's own fp32 detections (needs no onnx)."""
     root, _ = trained
-    detector = Detector.from_pretrained(root / "work", device="cpu")
+    detector = Detector.from_pretrained(root / "work", device="cpu", **FP32)
     wrapper = ExportableMaskRCNN(detector.model).eval()
     for min_size in SIZES:
         image = prepare_image(

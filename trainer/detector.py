@@ -12,6 +12,7 @@ detector.push_to_hub("owner/my-detector")
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,10 +139,17 @@ class Detector:
             chunk = tensors[start : start + batch_size]
             resized = [prepare_image(image, self.transform).to(self.device) for image in chunk]
             sizes = [tuple(image.shape[-2:]) for image in chunk]
-            for output in self.model(resized, output_sizes=sizes):
+            with self._keeping_scores(score_threshold):
+                outputs = self.model(resized, output_sizes=sizes)
+            for output in outputs:
                 keep = output["scores"] >= score_threshold
                 results.append({key: value[keep].cpu() for key, value in output.items()})
         return results[0] if single else results
+
+    def _keeping_scores(self, at_least: float):
+        """The PyTorch model makes masks only for detections it keeps (an export: all)."""
+        keeping = getattr(self.model, "keeping_scores", None)
+        return keeping(at_least) if keeping else contextlib.nullcontext()
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``model.safetensors``, ``config.yaml``, ``classes.json`` and a README model

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> Path:
     weights = read_weights(args.checkpoint)
     cfg = pretrained_recipe(weights, args.recipe, args.overrides)
     classes = pretrained_classes(weights, cfg)
-    model = build_pretrained(weights, cfg, classes)
+    model = build_pretrained(weights, cfg, classes, compile_inference=False)
     path = export_onnx(model, cfg, classes, args.out)
     print(f"wrote {path} (opset {OPSET}), {PREPROCESSING_FILE}, classes.json, config.yaml")
     return path

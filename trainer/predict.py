@@ -270,6 +270,8 @@ def predict_files(
     loader = DataLoader(ImageFiles(files, transform), batch_size=None, num_workers=workers)
     is_torch = isinstance(model, torch.nn.Module)
     autocast = accelerator.autocast if is_torch else contextlib.nullcontext
+    # Masks only for the detections kept (an export makes them for all).
+    keeping_scores = getattr(model, "keeping_scores", lambda _: contextlib.nullcontext())
     threads = min(4, max(1, (os.cpu_count() or 1) // 2))
     per_image: list[list[dict]] = [[] for _ in files]
     pending: deque = deque()
@@ -284,7 +286,7 @@ def predict_files(
         items = ((index, image, target) for index, (image, target) in enumerate(loader))
         for batch in same_size_batches(items, batch_size, divisor, window=4 * batch_size):
             indices, images, targets = zip(*batch)
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), autocast(), keeping_scores(writer.args.score_threshold):
                 outputs = model(list(images), output_sizes=[t["orig_size"] for t in targets])
             for index, target, output in zip(indices, targets, outputs, strict=True):
                 keep = output["scores"] >= writer.args.score_threshold

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import trainer.models.mask_rcnn as mask_rcnn
 from tests.models.conftest import small_model_config
 from trainer.config import RecipeError, load_recipe
 from trainer.models import build_detector
@@ -39,7 +40,8 @@ def test_mask_head_logits_are_the_same_from_either_layout():
 
 
 def test_channels_last_gives_the_same_detections():
-    nchw, nhwc = detector(channels_last=False), detector(channels_last=True)
+    nchw = detector(channels_last=False, inference_precision="fp32")
+    nhwc = detector(channels_last=True, inference_precision="fp32")
     assert detector().channels_last is None  # null: channels-last on the CPU
     with torch.no_grad():
         batch, _ = nhwc.preprocess(images())
@@ -80,6 +82,32 @@ def test_bf16_inference_keeps_fp32_outputs_and_training_untouched():
     assert seen == [False, True]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_on_cpus_with_native_bf16_only(monkeypatch, native):
+    monkeypatch.setattr(mask_rcnn, "cpu_has_native_bf16", lambda: native)
+    assert mask_rcnn.inference_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert mask_rcnn.inference_dtype("auto", "cuda") == torch.float32  # not measured on GPUs
+    assert mask_rcnn.inference_dtype("fp32", "cpu") == torch.float32
+    assert mask_rcnn.inference_dtype("bf16", "cuda") == torch.bfloat16
+    model = detector()
+    assert model.inference_precision == "auto"  # the recipe's default
+    seen = []
+    model.backbone.register_forward_hook(
+        lambda module, args, out: seen.append(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        )
+    )
+    with torch.no_grad():
+        bf16 = model(images())
+    assert seen == [torch.bfloat16 if native else None]
+    with torch.no_grad():
+        fp32 = detector(inference_precision="fp32")(images())
+    for got, expected in zip(bf16, fp32):  # bf16 or not, the detections hold
+        assert len(got["boxes"]) == len(expected["boxes"]) > 10
+        gap = (expected["boxes"][:, None] - got["boxes"][None]).abs().amax(-1)
+        assert (gap.amin(1) < 1.0).float().mean() > (0.9 if native else 0.999)
+
+
 def test_inference_precision_is_checked():
     with pytest.raises(RecipeError, match="inference_precision"):
         load_recipe("recipes/demo.yaml", ["model.inference_precision=int8"])
@@ -108,3 +136,27 @@ def test_bf16_inference_ranks_by_fp32_scores_and_deltas():
     torch.testing.assert_close(scores, expected_scores, atol=0.05, rtol=0.05)
     torch.testing.assert_close(logits[0], expected_logits[0], atol=0.05, rtol=0.05)
     torch.testing.assert_close(box_deltas, expected_deltas, atol=0.05, rtol=0.05)
+
+
+def test_keeping_scores_makes_masks_only_for_kept_detections():
+    model = detector(inference_precision="fp32")
+    with torch.no_grad():
+        model.roi_heads.box_head.cls_score.bias[2:] = 0.0  # a spread of scores around 0.5
+        everything = model(images())
+        threshold = everything[0]["scores"].median().item()  # a score that exists: kept
+        masked = []
+        hook = model.roi_heads.mask_head.register_forward_hook(
+            lambda module, args, out: masked.append(len(args[0]))
+        )
+        with model.keeping_scores(threshold):
+            kept = model(images())
+        hook.remove()
+    assert model.roi_heads.score_thresh == small_model_config().roi_heads.score_thresh
+    total = sum(len(output["scores"]) for output in everything)
+    assert 0 < sum(masked) < total
+    for full, got in zip(everything, kept):
+        keep = full["scores"] >= threshold
+        assert keep.any() and not keep.all()
+        assert sum(masked) >= len(got["scores"])
+        for key in ("boxes", "scores", "labels", "masks"):
+            assert torch.equal(got[key], full[key][keep]), key

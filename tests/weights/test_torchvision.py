@@ -61,7 +61,8 @@ def test_name_table_covers_every_tensor(torchvision_model):
 
 def test_same_detections_as_torchvision(torchvision_model):
     weights = from_torchvision(torchvision_model.state_dict(), "tv.pth")
-    ours = build_detector(load_recipe(RECIPE).model).eval()
+    # fp32: torchvision's own precision (the default, auto, is bf16 on CPUs with native bf16).
+    ours = build_detector(load_recipe(RECIPE, ["model.inference_precision=fp32"]).model).eval()
     # torchvision's BatchNorm2d counts batches; its COCO weights' FrozenBatchNorm2d, like
     # ours, does not: the counters are the only tensors without a place here.
     state = {k: v for k, v in weights.state_dict.items() if not k.endswith("num_batches_tracked")}

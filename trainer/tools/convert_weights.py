@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = pretrained_recipe(weights, recipe, args.overrides)
     names = [name.strip() for name in args.classes.split(",")] if args.classes else None
     classes = pretrained_classes(weights, cfg, names)
-    model = build_pretrained(weights, cfg, classes)
+    model = build_pretrained(weights, cfg, classes, compile_inference=False)
     folder = Detector(model, cfg, classes, device="cpu").save_pretrained(args.out)
     print(
         f"{weights.format} weights {weights.path} -> {folder} ({len(classes.names)} classes, "

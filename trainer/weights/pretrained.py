@@ -76,9 +76,13 @@ def pretrained_classes(
     return found
 
 
-def build_pretrained(weights: SourceWeights, cfg: DictConfig, classes: ModelClasses) -> nn.Module:
-    """The recipe's detector for ``classes`` with ``weights`` loaded; every tensor of the
-    model must come from them (a CheckpointError lists what does not fit)."""
+def build_pretrained(
+    weights: SourceWeights, cfg: DictConfig, classes: ModelClasses, compile_inference: bool = True
+) -> nn.Module:
+    """The recipe's detector for ``classes`` with ``weights`` loaded, in eval mode; every
+    tensor of the model must come from them (a CheckpointError lists what does not fit).
+    Compiled for inference when the recipe's ``model.compile_inference`` says so, unless
+    ``compile_inference`` is False (for exporting or converting the weights)."""
     from trainer.engine.checkpoint import CheckpointError
     from trainer.models import build_detector
 
@@ -93,4 +97,8 @@ def build_pretrained(weights: SourceWeights, cfg: DictConfig, classes: ModelClas
             f"{len(report.reinitialised)} of another shape (e.g. {report.reinitialised[:2]})."
         )
     model.eval()
+    if compile_inference and cfg.model.compile_inference:
+        from trainer.models import compile_for_inference
+
+        compile_for_inference(model)
     return model
