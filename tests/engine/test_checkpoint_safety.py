@@ -220,9 +220,9 @@ def assert_failed_save_kept_iter_2(result, work_dir: Path, cause: str, saved_in:
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith(
-        f"error: could not save checkpoint epoch_1 in '{saved_in / 'checkpoints'}' ("
+        f"error: could not save checkpoint epoch_1 in '{saved_in / 'checkpoints'}': "
     ), line
-    assert " MiB free): " in line and cause in line, line
+    assert " MiB free" in line and cause in line, line
     assert line.endswith(
         "(the last complete one, iter_2, is intact); free space or fix the folder, then "
         "resume=auto."
@@ -264,9 +264,11 @@ cp -a {work_dir}/. {tmp_path}/after
         [], int((tmp_path / "status.txt").read_text()), "", (tmp_path / "failed.txt").read_text()
     )
     # torch.save says "unexpected pos", safetensors "No space left on device": which file
-    # meets the full disk first varies; the free space in the message tells.
+    # meets the full disk first varies; the message says it plainly either way.
     assert_failed_save_kept_iter_2(failed, copy, "", work_dir)
-    assert "(0.0 MiB free)" in failed.stderr or "(0.1 MiB free)" in failed.stderr
+    assert "': the disk is full (0.0 MiB free; " in failed.stderr or (
+        "': the disk is full (0.1 MiB free; " in failed.stderr
+    )
     after = tmp_path / "after"
     log = (after / "log.txt").read_text()
     assert f"resumed from {work_dir / 'checkpoints/iter_2'} at epoch 0, iter 2 (2 batches" in log

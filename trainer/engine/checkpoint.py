@@ -217,25 +217,34 @@ def save_checkpoint(
         if pruned is not None:  # the checkpoint is saved; only older ones stay
             get_logger().warning("could not delete old checkpoints in %s: %s", root, pruned)
     if error is not None:
-        free = _free_space(root)  # as the save met it
+        cause = _write_failure(error, root)  # as the save met it
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # this failed attempt: frees its space
         latest = latest_checkpoint(work_dir)
         kept = f"the last complete one, {latest.name}, is intact" if latest else "none saved yet"
         raise CheckpointError(
-            f"could not save checkpoint {name} in '{root}' ({free}): {error} ({kept}); free "
-            "space or fix the folder, then resume=auto."
+            f"could not save checkpoint {name} in '{root}': {cause} ({kept}); free space or "
+            "fix the folder, then resume=auto."
         )
     return root / name
 
 
-def _free_space(folder: Path) -> str:
-    """How much room is left there: writers like torch.save do not say that a disk is full."""
+# Less room than this after a failed save: the disk filled up (writers like torch.save do
+# not say so).
+DISK_FULL_BYTES = 2**20
+
+
+def _write_failure(error: str, folder: Path) -> str:
+    """``error`` of a failed write in ``folder``, with the room left there; a full disk
+    said plainly (torch.save reports one as "unexpected pos" at best)."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
-        return "free space unknown"
-    return f"{free / 2**20:.1f} MiB free"
+        return f"{error} (free space unknown)"
+    room = f"{free / 2**20:.1f} MiB free"
+    if free < DISK_FULL_BYTES or "No space left" in error:
+        return f"the disk is full ({room}; {error})"
+    return f"{error} ({room})"
 
 
 def _attempt(function, *args, **kwargs) -> str | None:
@@ -411,12 +420,12 @@ def export_weights(
 
     error = _attempt(write)
     if error is not None:
-        free = _free_space(folder.parent)
+        cause = _write_failure(error, folder.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = "the previous one is intact" if folder.is_dir() else "none was there"
         raise CheckpointError(
-            f"could not write weights to '{folder}' ({free}): {error} ({previous}); free space "
-            "or fix the folder."
+            f"could not write weights to '{folder}': {cause} ({previous}); free space or fix "
+            "the folder."
         )
     return folder / WEIGHTS_FILE
 
