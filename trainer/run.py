@@ -51,11 +51,13 @@ def train(cfg, recipe: str, accelerator) -> dict[str, float]:
     from trainer.data import build_dataset
     from trainer.engine import train_detector
     from trainer.engine.logging import setup_logger
+    from trainer.engine.work_dir_lock import log_lock_notices
     from trainer.models import build_detector
     from trainer.models.backbone import describe
     from trainer.seeding import seed_everything
 
     logger = setup_logger(cfg.work_dir, accelerator.is_main_process)
+    log_lock_notices(cfg.work_dir)
     if accelerator.is_main_process:
         save_recipe(cfg, Path(cfg.work_dir) / "config.yaml")
     logger.info(

@@ -106,6 +106,23 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path):
     assert (work_dir / LOCK_FILE).read_text() == ""  # released at the end of the run
 
 
+def test_the_command_logs_the_taking_over_in_its_log(tmp_path):
+    """trainer/run.py takes the lock before its log exists: the warning still reaches
+    log.txt (the run then stops on its missing annotation file, after the logger is set)."""
+    work_dir = tmp_path / "work"
+    killed = held(start_holder(work_dir))
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    data = tmp_path / "missing"
+    command = train_command(*tiny_recipe(data, work_dir))
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    log = (work_dir / "log.txt").read_text()
+    assert f"lock left by a run that ended without releasing it (pid {killed.pid} " in log
+    assert log.count("taking it over") == 1
+    assert (work_dir / LOCK_FILE).read_text() == ""
+
+
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
     work_dir = tmp_path / "work"
     with pytest.raises(NonFiniteLossError):

@@ -45,7 +45,12 @@ from trainer.engine.optim import build_lr_scheduler, build_optimizer
 from trainer.engine.runner import LoopSettings, Runner, TrainingParts
 from trainer.engine.state import TrainState
 from trainer.engine.trackers import start_trackers
-from trainer.engine.work_dir_lock import check_work_dir_space, hold_work_dir, note_fresh_start
+from trainer.engine.work_dir_lock import (
+    check_work_dir_space,
+    hold_work_dir,
+    log_lock_notices,
+    note_fresh_start,
+)
 from trainer.evaluation.coco import CocoEvaluator
 from trainer.seeding import SeededSamples
 from trainer.weights.classes import ModelClasses
@@ -75,6 +80,7 @@ def _train_detector(
     model: torch.nn.Module, datasets: dict, cfg: DictConfig, accelerator: Accelerator
 ) -> dict[str, float]:
     """:func:`train_detector` with the work_dir held."""
+    log_lock_notices(cfg.work_dir)  # when the caller had no logger yet to take them
     if accelerator.is_main_process:
         remove_partial_checkpoints(cfg.work_dir)  # a save killed mid-way: finished or undone
     # Optimizer tensors per trainable parameter: SGD's momentum buffer, AdamW's two moments.

@@ -72,6 +72,15 @@ class WorkDirLock:
         self.work_dir = Path(work_dir)
         self.path = self.work_dir / LOCK_FILE
         self.fd: int | None = None
+        # Warnings made before the run's logger was set up: logged by log_lock_notices.
+        self.pending: list[str] = []
+
+    def _warn(self, message: str) -> None:
+        logger = get_logger()
+        if logger.handlers:
+            logger.warning(message)
+        else:
+            self.pending.append(message)
 
     def _read(self) -> dict:
         try:
@@ -99,12 +108,10 @@ class WorkDirLock:
             if previous:
                 # The text is cleared on release: a holder that left it ended abruptly.
                 elsewhere = previous.get("host") != socket.gethostname()
-                get_logger().warning(
-                    "work_dir %s: lock left by a run that ended without releasing it (%s%s): "
-                    "taking it over",
-                    self.work_dir,
-                    _describe(previous),
-                    ", another host" if elsewhere else "",
+                self._warn(
+                    f"work_dir {self.work_dir}: lock left by a run that ended without "
+                    f"releasing it ({_describe(previous)}{', another host' if elsewhere else ''}"
+                    "): taking it over"
                 )
             record = {
                 "pid": os.getpid(),
@@ -189,6 +196,17 @@ def hold_work_dir(accelerator: Accelerator, work_dir: str | Path) -> Iterator[No
     finally:
         if entry is not None:
             _leave(key, entry)
+
+
+def log_lock_notices(work_dir: str | Path) -> None:
+    """Log what taking the lock of ``work_dir`` found (a lock taken over from a run that
+    died) once the run's logger is set up: the lock is taken before anything is written,
+    log.txt included."""
+    entry = _HELD.get((Path(work_dir) / LOCK_FILE).resolve())
+    if entry is not None:
+        for message in entry[0].pending:
+            get_logger().warning(message)
+        entry[0].pending.clear()
 
 
 def _leave(key: Path, entry: list) -> None:
