@@ -29,14 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_speed import build_ours, build_torchvision, favour_classes, make_batch  # noqa: E402
+from model_speed import (  # noqa: E402
+    amp_train_step,
+    build_ours,
+    build_torchvision,
+    favour_classes,
+    make_batch,
+)
+from throughput import synchronize  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
 
 
 def main() -> None:
@@ -88,13 +90,7 @@ def main() -> None:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     def train_step(name: str) -> None:
-        model, optimizer, scaler = models[name], optimizers[name], scalers[name]
-        with autocast():
-            losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(sum(losses.values())).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        amp_train_step(models[name], optimizers[name], scalers[name], dtype, images, targets)
 
     @torch.no_grad()
     def infer(name: str) -> int:

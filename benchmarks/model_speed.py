@@ -150,6 +150,17 @@ def train_step(model, optimizer, images, targets) -> None:
     optimizer.step()
 
 
+def amp_train_step(model, optimizer, scaler, dtype, images, targets) -> None:
+    """A training step under autocast to ``dtype`` (None: fp32), with ``scaler`` (a
+    GradScaler, enabled for fp16) as a mixed-precision training loop does."""
+    with torch.autocast(images[0].device.type, dtype=dtype, enabled=dtype is not None):
+        losses = model(images, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(sum(losses.values())).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 # Gradient mode of inference calls: torch.no_grad(), or torch.inference_mode() with
 # --inference-mode (both models).
 GRAD_MODE = {"context": torch.no_grad}

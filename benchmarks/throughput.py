@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_speed import favour_classes, make_batch  # noqa: E402
+from model_speed import amp_train_step, favour_classes, make_batch  # noqa: E402
 
 from trainer.config import load_recipe  # noqa: E402
 from trainer.models import build_detector  # noqa: E402
@@ -83,12 +83,7 @@ def main() -> None:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     def train_step() -> None:
-        with autocast():
-            losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(sum(losses.values())).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        amp_train_step(model, optimizer, scaler, dtype, images, targets)
 
     @torch.no_grad()
     def infer() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -76,6 +77,7 @@ PASTE_MODES = ("exact", "torchvision")
 INFERENCE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (avx512_bf16, AMX): there bf16
     convolutions and matrix products are faster than fp32; elsewhere they are emulated and
