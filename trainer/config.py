@@ -164,13 +164,13 @@ class ModelConfig:
     channels_last: bool | None = None
     # Inference (eval mode) under autocast to bf16 or fp16: convolutions and matrix
     # products in that dtype; boxes, scores, RoIAlign and mask probabilities stay fp32.
-    # auto: bf16 on CPUs with native bf16 (avx512_bf16, AMX; 1.7x faster than fp32 for
-    # ~0.1 AP on the demo set), fp32 on other CPUs and on GPUs. fp32: detections as
+    # auto: bf16 on CPUs with native bf16 (avx512_bf16, AMX; 1.6-1.7x faster than fp32 for
+    # <= 0.15 AP on the demo set), fp32 on other CPUs and on GPUs. fp32: detections as
     # torchvision's for its weights. benchmarks/README.md measures both. Training precision
     # is mixed_precision's.
     inference_precision: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     # Compile the backbone, FPN and RPN head for inference (torch.compile, weights frozen) in
-    # trainer.predict, trainer.evaluate and Detector: 1.3x faster at 800 px on a CPU in
+    # trainer.predict, trainer.evaluate and Detector: 1.3-1.5x faster at 800 px on a CPU in
     # bf16, but each new image size compiles first (a minute or more on a small CPU), so for
     # long serving runs. Same detections up to float rounding; not for training.
     compile_inference: bool = False

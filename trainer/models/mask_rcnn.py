@@ -90,7 +90,7 @@ def cpu_has_native_bf16() -> bool:
 
 def inference_dtype(precision: str, device_type: str) -> torch.dtype:
     """The autocast dtype of ``model.inference_precision`` on a device. ``auto``: bf16 on a
-    CPU with native bf16 (1.7x faster there for ~0.1 AP on the demo set; see
+    CPU with native bf16 (1.6-1.7x faster there for <= 0.15 AP on the demo set; see
     benchmarks/README.md), fp32 elsewhere (GPUs: not measured yet)."""
     if precision == "auto":
         native = device_type == "cpu" and cpu_has_native_bf16()
